@@ -1,0 +1,1 @@
+"""flt_mol.train."""
