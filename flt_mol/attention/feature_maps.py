@@ -1,0 +1,298 @@
+"""Kernel feature maps ``phi`` for linear attention.
+
+``softmax(q.k)`` is replaced by ``phi(q).phi(k)``; the maps here are
+
+* FAVOR+ (Choromanski et al. 2021): ``phi(x) = exp(W x - |x|^2/2 - stab) / sqrt(m)`` with the rows
+  of ``W`` drawn as orthogonal Gaussian blocks; ``E[phi(q).phi(k)] = exp(q.k) * exp(-stab_q-stab_k)``
+  (the stabilisers cancel in the normalised attention);
+* ReLU random features ``relu(W x) / sqrt(m)`` (Performer-ReLU);
+* learnable ReLU ``relu(W x)`` with ``W`` an ``nn.Linear`` (the FLT paper's ViT choice);
+* ``elu(x) + 1`` (Katharopoulos et al. 2020), deterministic.
+
+Einsum letters: b batch, h heads, l/i/j positions, d input width, m features.
+
+Numerics (DESIGN.md §2): every map computes in fp32 whatever the input dtype; the FAVOR+ query
+stabiliser is the max of the exponent per query row, the key stabiliser the max per (batch, head)
+over real keys and features (never across the batch, so one example cannot underflow another);
+key features of padded tokens are zeroed. Stabilisers are detached: they are constants that cancel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "orthogonal_gaussian_matrix",
+    "favor_plus_features",
+    "relu_features",
+    "elu_features",
+    "FavorPlusFeatureMap",
+    "ReLUFeatureMap",
+    "LearnableReLUFeatureMap",
+    "EluFeatureMap",
+    "build_feature_map",
+    "KERNELS",
+]
+
+KERNELS = ("favor+", "relu", "learnable_relu", "elu+1")
+
+
+def orthogonal_gaussian_matrix(
+    num_features: int,
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Random projection with orthogonal Gaussian blocks (Performer's ORF).
+
+    Rows come in blocks of ``dim`` mutually orthogonal directions (QR of a Gaussian matrix); each
+    row is rescaled by an independent chi(dim)-distributed norm, so every row is marginally
+    ``N(0, I_dim)`` (which keeps FAVOR+ unbiased) while rows inside a block are orthogonal (which
+    lowers its variance).
+
+    Shapes: returns ``[num_features, dim]``.
+    """
+    if num_features < 1 or dim < 1:
+        raise ValueError(f"num_features and dim must be >= 1, got {num_features} and {dim}")
+    blocks = []
+    remaining = num_features
+    while remaining > 0:
+        g = torch.randn(dim, dim, generator=generator, device=device, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)
+        # Fix the sign ambiguity of QR so the block is Haar-distributed.
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        blocks.append(q.T[: min(remaining, dim)])
+        remaining -= dim
+    w = torch.cat(blocks, dim=0)  # [m, d], unit rows
+    norms = torch.randn(num_features, dim, generator=generator, device=device, dtype=torch.float64)
+    w = w * norms.norm(dim=1, keepdim=True)  # chi(d) row norms
+    return w.to(dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/bfloat16/fp32 inputs, fp64 for fp64: the precision of every sum here."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _key_keep(padding_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``[B, L]`` pad mask -> ``[B, 1, L, 1]`` float keep mask broadcastable to ``x [B,H,L,m]``."""
+    if padding_mask is None:
+        return None
+    if padding_mask.dim() != 2 or padding_mask.shape[0] != x.shape[0] or padding_mask.shape[1] != x.shape[-2]:
+        raise ValueError(
+            f"padding_mask must be [B, L] = [{x.shape[0]}, {x.shape[-2]}], got {tuple(padding_mask.shape)}"
+        )
+    return (~padding_mask.bool()).to(x.dtype)[:, None, :, None]
+
+
+def favor_plus_features(
+    x: torch.Tensor,
+    *,
+    projection: torch.Tensor,
+    is_query: bool,
+    padding_mask: torch.Tensor | None = None,
+    stabilize: bool = True,
+) -> torch.Tensor:
+    """FAVOR+ positive random features.
+
+    ``phi(x) = exp(W x - |x|^2/2 - stab) / sqrt(m)``; ``stab`` = max of the exponent per query row
+    (queries) or per (batch, head) over real keys and all features (keys).
+    ``E_W[phi(q) . phi(k)] = exp(q . k - stab_q - stab_k)``.
+
+    Args:
+        x: inputs, already scaled (pass ``q d^-1/4``), any float dtype; computed in fp32.
+        projection: ``[m, d]`` with Gaussian rows (:func:`orthogonal_gaussian_matrix`).
+        is_query: choose the stabiliser.
+        padding_mask: ``[B, L]`` True = pad; only used for keys (their features are zeroed and
+            they are left out of the key stabiliser).
+        stabilize: subtract the stabiliser (False gives the raw, unbiased-for-``exp(q.k)`` map;
+            for tests only, it overflows for large inputs).
+
+    Shapes: ``x [B, H, L, d]`` -> ``[B, H, L, m]`` (fp32).
+    """
+    if x.shape[-1] != projection.shape[-1]:
+        raise ValueError(f"x has width {x.shape[-1]} but projection expects {projection.shape[-1]}")
+    x = x.to(accumulation_dtype(x.dtype))
+    m = projection.shape[0]
+    wx = torch.matmul(x, projection.to(x.dtype).T)  # [b h l m], a fresh buffer
+    if not stabilize:
+        out = torch.exp(wx - 0.5 * (x * x).sum(dim=-1, keepdim=True)) * (1.0 / math.sqrt(m))
+        keep = None if is_query else _key_keep(padding_mask, x)
+        return out * keep if keep is not None else out
+    # The buffer from the matmul is updated in place (its backward does not need it): one
+    # subtraction and one exp per element. 1/sqrt(m) is folded into the stabiliser.
+    log_sqrt_m = 0.5 * math.log(m)
+    if is_query:
+        # Per row, |x|^2/2 and the stabiliser are both constants: max_m(Wx - |x|^2/2) - |x|^2/2
+        # reduces to max_m(Wx), so the norm is never computed.
+        with torch.no_grad():
+            stab = wx.amax(dim=-1, keepdim=True) + log_sqrt_m
+        return wx.sub_(stab).exp_()
+    sq = 0.5 * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
+    wx = wx.sub_(sq)
+    keep = _key_keep(padding_mask, x)
+    if keep is not None:
+        wx = wx.masked_fill_(keep == 0, float("-inf"))
+    with torch.no_grad():
+        stab = wx.amax(dim=(-2, -1), keepdim=True)
+        # A fully padded example would give stab = -inf; any finite constant is fine there.
+        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab)) + log_sqrt_m
+    return wx.sub_(stab).exp_()
+
+
+def relu_features(
+    x: torch.Tensor,
+    *,
+    projection: torch.Tensor | None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ReLU features ``relu(W x) / sqrt(m)`` (``W`` None: ``relu(x)``), padded keys zeroed.
+
+    Shapes: ``x [B, H, L, d]`` -> ``[B, H, L, m]`` (fp32).
+    """
+    x = x.to(accumulation_dtype(x.dtype))
+    if projection is not None:
+        x = torch.matmul(x, projection.to(x.dtype).T) * (1.0 / math.sqrt(projection.shape[0]))
+    out = torch.relu(x)
+    keep = _key_keep(padding_mask, out)
+    return out * keep if keep is not None else out
+
+
+def elu_features(x: torch.Tensor, *, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``elu(x) + 1`` (positive, deterministic); padded keys zeroed.
+
+    Shapes: ``x [B, H, L, d]`` -> ``[B, H, L, d]`` (fp32).
+    """
+    out = torch.nn.functional.elu(x.to(accumulation_dtype(x.dtype))) + 1.0
+    keep = _key_keep(padding_mask, out)
+    return out * keep if keep is not None else out
+
+
+class FavorPlusFeatureMap(nn.Module):
+    """FAVOR+ map owning its ``[m, d]`` orthogonal projection buffer.
+
+    Args:
+        dim: input width d.
+        num_features: m.
+
+    Shapes: ``forward(x [B,H,L,d], is_query, padding_mask [B,L]) -> [B,H,L,m]``.
+    """
+
+    def __init__(self, dim: int, num_features: int):
+        super().__init__()
+        if dim < 1 or num_features < 1:
+            raise ValueError(f"dim and num_features must be >= 1, got {dim} and {num_features}")
+        self.dim = dim
+        self.num_features = num_features
+        self.register_buffer("projection", orthogonal_gaussian_matrix(num_features, dim))
+
+    @property
+    def out_features(self) -> int:
+        return self.num_features
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw a fresh projection (explicit; never called by ``forward``)."""
+        w = orthogonal_gaussian_matrix(
+            self.num_features, self.dim, generator=generator, device=self.projection.device
+        )
+        self.projection.copy_(w)
+
+    def forward(
+        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return favor_plus_features(
+            x, projection=self.projection, is_query=is_query, padding_mask=padding_mask
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_features={self.num_features}"
+
+
+class ReLUFeatureMap(FavorPlusFeatureMap):
+    """Random ReLU features ``relu(W x)/sqrt(m)`` with an orthogonal Gaussian ``W`` buffer."""
+
+    def forward(
+        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return relu_features(
+            x, projection=self.projection, padding_mask=None if is_query else padding_mask
+        )
+
+
+class LearnableReLUFeatureMap(nn.Module):
+    """Learnable ReLU features ``phi(x) = relu(W x)``, ``W`` an ``nn.Linear(d, m, bias=False)``.
+
+    Nothing random: ``redraw`` is a no-op kept for a uniform interface.
+    """
+
+    def __init__(self, dim: int, num_features: int):
+        super().__init__()
+        if dim < 1 or num_features < 1:
+            raise ValueError(f"dim and num_features must be >= 1, got {dim} and {num_features}")
+        self.dim = dim
+        self.num_features = num_features
+        self.linear = nn.Linear(dim, num_features, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(self.dim))
+
+    @property
+    def out_features(self) -> int:
+        return self.num_features
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        return None
+
+    def forward(
+        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x.to(accumulation_dtype(x.dtype))
+        out = torch.relu(torch.matmul(x, self.linear.weight.to(x.dtype).T))
+        keep = None if is_query else _key_keep(padding_mask, out)
+        return out * keep if keep is not None else out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_features={self.num_features}"
+
+
+class EluFeatureMap(nn.Module):
+    """``elu(x) + 1``; output width = input width; ``redraw`` is a no-op."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    @property
+    def out_features(self) -> int:
+        return self.dim
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        return None
+
+    def forward(
+        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return elu_features(x, padding_mask=None if is_query else padding_mask)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def build_feature_map(kernel: str, dim: int, num_features: int) -> nn.Module:
+    """Construct the feature-map module named ``kernel`` (one of :data:`KERNELS`)."""
+    if kernel == "favor+":
+        return FavorPlusFeatureMap(dim, num_features)
+    if kernel == "relu":
+        return ReLUFeatureMap(dim, num_features)
+    if kernel == "learnable_relu":
+        return LearnableReLUFeatureMap(dim, num_features)
+    if kernel == "elu+1":
+        return EluFeatureMap(dim)
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -1,0 +1,292 @@
+"""FLTAttention: multi-head attention with a learned Fourier RPE in linear time.
+
+Per head, with ``d`` the head width (paper Alg. 1, DESIGN.md §2):
+
+* ``mode="flt"``: ``Q^ = [n1, Q d^-1/4]``, ``K^ = [n2, K d^-1/4]`` with ``(n1, n2)`` the RPE random
+  features (``n1 n2^T ~ N``), so ``exp(Q^ K^^T) = exp(N^ + Q K^T/sqrt d)``; then the kernel
+  feature map ``phi`` and linear attention ``phi(Q^)(phi(K^)^T V) / phi(Q^)(phi(K^)^T 1)``.
+* ``mode="performer"``: the same without the RPE (``phi(Q d^-1/4)``, ``phi(K d^-1/4)``).
+* ``mode="exact"``: ``softmax(Q K^T/sqrt d + N) V`` with the exact mask ``N = f(r_i - r_j)``
+  (plain softmax when ``rpe`` is None); O(L^2), the reference.
+
+The three modes share every learnable parameter (projections, RPE), so they can be compared
+with everything else equal. Random quantities (the kernel projection and the RPE base noise) are
+buffers, redrawn only by an explicit :meth:`FLTAttention.redraw_features` call.
+
+Einsum letters: b batch, h heads, l positions, d head width, m features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flt_mol.attention.exact import softmax_attention, softmax_attention_weights
+from flt_mol.attention.feature_maps import KERNELS, accumulation_dtype, build_feature_map
+from flt_mol.attention.linear import (
+    causal_linear_attention,
+    linear_attention,
+    linear_attention_weights,
+)
+from flt_mol.attention.rpe import SpectralRPE
+
+__all__ = ["FLTAttention", "MODES", "center_positions"]
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Promote to at least fp32 (fp64 stays fp64): features and sums never run in half precision."""
+    return x.to(accumulation_dtype(x.dtype))
+
+MODES = ("flt", "performer", "exact")
+
+
+def center_positions(
+    pos: torch.Tensor, *, padding_mask: torch.Tensor | None = None, causal: bool = False
+) -> torch.Tensor:
+    """Shift positions to a translation-covariant origin before the RPE features.
+
+    The RPE estimate ``n1 . n2`` depends only on differences, but FAVOR+ with a fixed projection
+    sees ``n1`` and ``n2`` themselves, so the FLT output is translation invariant only in
+    distribution unless positions are centred first. Bidirectional: subtract the mean over real
+    tokens (permutation invariant); causal: subtract the first token's position (the only origin
+    that every prefix can see). Also keeps the angles ``2 pi r.xi`` small in fp32.
+
+    Shapes: ``pos [B, L, l]``, ``padding_mask [B, L]`` -> ``[B, L, l]``.
+    """
+    if causal:
+        return pos - pos[:, :1]
+    if padding_mask is None:
+        return pos - pos.mean(dim=1, keepdim=True)
+    keep = (~padding_mask).to(pos.dtype)[..., None]
+    center = (pos * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
+    return pos - center
+
+
+class FLTAttention(nn.Module):
+    r"""Multi-head FourierLearner-Transformer attention (Choromanski et al., FLT).
+
+    Args:
+        embed_dim: D.  num_heads: H (``D % H == 0``, head width ``d = D/H``).
+        rpe: a :class:`~flt_mol.attention.rpe.SpectralRPE` with ``rpe.num_heads == H`` (may be
+            shared by several layers); required for ``mode="flt"``, ignored by ``"performer"``,
+            optional for ``"exact"``.
+        mode: ``"flt" | "performer" | "exact"``.
+        num_rpe_features: r, frequencies of the RPE features (``2r`` columns: cos and sin).
+        num_kernel_features: m, features of the kernel map (unused by ``"elu+1"``).
+        kernel: ``"favor+" | "relu" | "learnable_relu" | "elu+1"``.
+        causal: attend to ``j <= i`` only (chunked prefix sums in the linear modes).
+        dropout: attention dropout. Exact mode: on the softmax weights. Linear modes: each key is
+            dropped per (batch, head) from the numerator with ``1/(1-p)`` rescaling (the
+            normaliser keeps it), so the expected output matches the undropped one.
+        chunk_size: chunk length of the causal linear attention.
+        bias: bias of the projections.
+        rpe_split: ``"auto" | "balanced" | "one_sided"`` (see ``SpectralRPE.features``).
+
+    Shapes:
+        ``forward(x [B, L, D], pos [B, L, l] | None, padding_mask [B, L] | None) -> [B, L, D]``;
+        ``padding_mask`` True = pad. ``pos`` is needed whenever the RPE is used.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        rpe: SpectralRPE | None = None,
+        mode: str = "flt",
+        num_rpe_features: int = 16,
+        num_kernel_features: int = 64,
+        kernel: str = "favor+",
+        causal: bool = False,
+        dropout: float = 0.0,
+        chunk_size: int = 64,
+        bias: bool = True,
+        rpe_split: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or embed_dim < 1 or num_heads < 1:
+            raise ValueError(f"embed_dim and num_heads must be positive ints, got {embed_dim!r}, {num_heads!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if rpe is not None and not isinstance(rpe, SpectralRPE):
+            raise TypeError(f"rpe must be a SpectralRPE (e.g. GaussianBasisRPE), got {type(rpe).__name__}")
+        if mode == "flt" and rpe is None:
+            raise ValueError("mode='flt' needs an rpe (e.g. GaussianBasisRPE); use mode='performer' without RPE")
+        if rpe is not None and rpe.num_heads != num_heads:
+            raise ValueError(f"rpe.num_heads ({rpe.num_heads}) must equal num_heads ({num_heads})")
+        for name, val in (("num_rpe_features", num_rpe_features), ("num_kernel_features", num_kernel_features), ("chunk_size", chunk_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if rpe_split not in ("auto", "balanced", "one_sided"):
+            raise ValueError(f"rpe_split must be auto, balanced or one_sided, got {rpe_split!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.mode = mode
+        self.kernel = kernel
+        self.causal = causal
+        self.dropout = float(dropout)
+        self.chunk_size = chunk_size
+        self.num_rpe_features = num_rpe_features
+        self.num_kernel_features = num_kernel_features
+        self.rpe_split = rpe_split
+        self.rpe = rpe
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        qkv_scale = torch.ones(3 * embed_dim)
+        qkv_scale[: 2 * embed_dim] = self.head_dim**-0.25
+        self.register_buffer("qkv_scale", qkv_scale, persistent=False)
+        self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+        if mode == "exact":
+            self.feature_map = None
+        else:
+            in_dim = self.head_dim + (2 * num_rpe_features if mode == "flt" else 0)
+            self.feature_map = build_feature_map(kernel, in_dim, num_kernel_features)
+        if rpe is not None:
+            self.register_buffer("rpe_noise", rpe.draw_noise(num_rpe_features))
+        else:
+            self.rpe_noise = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (the RPE, possibly shared, keeps its own parameters)."""
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.xavier_uniform_(self.out.weight)
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
+            nn.init.zeros_(self.out.bias)
+        if isinstance(self.feature_map, nn.Module) and hasattr(self.feature_map, "reset_parameters"):
+            self.feature_map.reset_parameters()
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new kernel projection and new RPE base noise (explicit, never in forward)."""
+        if self.feature_map is not None:
+            self.feature_map.redraw(generator)
+        if self.rpe is not None:
+            noise = self.rpe.draw_noise(self.num_rpe_features, generator, device=self.rpe_noise.device)
+            self.rpe_noise.copy_(noise)
+
+    # --------------------------------------------------------------------------------------------
+    def _check_inputs(self, x, pos, padding_mask) -> None:
+        if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x must be [B, L, {self.embed_dim}], got {shape}")
+        B, L, _ = x.shape
+        if padding_mask is not None:
+            if not torch.is_tensor(padding_mask) or padding_mask.shape != (B, L):
+                shape = tuple(padding_mask.shape) if torch.is_tensor(padding_mask) else type(padding_mask).__name__
+                raise ValueError(f"padding_mask must be [B, L] = [{B}, {L}], got {shape}")
+            if padding_mask.dtype != torch.bool:
+                raise TypeError(f"padding_mask must be a bool tensor (True = pad), got {padding_mask.dtype}")
+        if self._uses_rpe():
+            if pos is None:
+                raise ValueError(f"pos [B, L, {self.rpe.dim}] is required: mode={self.mode!r} uses the RPE")
+            if not torch.is_tensor(pos) or pos.dim() != 3 or pos.shape[:2] != (B, L):
+                shape = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
+                raise ValueError(f"pos must be [B, L, l] = [{B}, {L}, {self.rpe.dim}], got {shape}")
+            if pos.shape[-1] != self.rpe.dim:
+                raise ValueError(
+                    f"pos has {pos.shape[-1]} coordinates but the rpe has dim={self.rpe.dim}"
+                )
+
+    def _uses_rpe(self) -> bool:
+        return self.rpe is not None and self.mode in ("flt", "exact")
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Q d^-1/4, K d^-1/4, V)``, each ``[B, H, L, d]``.
+
+        The ``d^-1/4`` of Alg. 1 is folded into the projection weights (a ``[3D, D]`` multiply)
+        instead of two passes over ``[B, H, L, d]``; the exact mode then uses scale 1.
+        """
+        B, L, _ = x.shape
+        scale = self.qkv_scale.to(self.qkv.weight.dtype)
+        bias = self.qkv.bias * scale if self.qkv.bias is not None else None
+        qkv = nn.functional.linear(x, self.qkv.weight * scale[:, None], bias)
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b h l d]
+        return q, k, v
+
+    def _features(self, q, k, pos, padding_mask):
+        """Kernel features ``phi(Q^), phi(K^)`` in fp32, ``[B, H, L, m]``."""
+        qs, ks = _acc(q), _acc(k)  # already scaled by d^-1/4 in _project
+        if self.mode == "flt":
+            pos = center_positions(pos, padding_mask=padding_mask, causal=self.causal)
+            n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+            qs = torch.cat([n1, qs], dim=-1)
+            ks = torch.cat([n2.expand(qs.shape[0], -1, -1, -1), ks], dim=-1)
+        phi_q = self.feature_map(qs, is_query=True)
+        phi_k = self.feature_map(ks, is_query=False, padding_mask=padding_mask)
+        return phi_q, phi_k
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check_inputs(x, pos, padding_mask)
+        B, L, D = x.shape
+        q, k, v = self._project(x)
+        out_dtype = v.dtype
+        # Feature maps, RPE features and the sums run in fp32 even under bf16/fp16 autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.mode == "exact":
+                bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
+                out = softmax_attention(
+                    q, k, _acc(v), bias=bias, causal=self.causal, padding_mask=padding_mask,
+                    dropout=self.dropout, training=self.training, scale=1.0,
+                )
+            else:
+                phi_q, phi_k = self._features(q, k, pos, padding_mask)
+                keep = None
+                if self.training and self.dropout > 0.0:
+                    keep = torch.bernoulli(
+                        torch.full((B, self.num_heads, L), 1.0 - self.dropout, device=x.device)
+                    ) / (1.0 - self.dropout)
+                if self.causal:
+                    out = causal_linear_attention(
+                        phi_q, phi_k, _acc(v), padding_mask=padding_mask, value_keep=keep,
+                        chunk_size=self.chunk_size,
+                    )
+                else:
+                    out = linear_attention(phi_q, phi_k, _acc(v), padding_mask=padding_mask, value_keep=keep)
+        out = out.to(out_dtype).transpose(1, 2).reshape(B, L, D)
+        return self.out(out)
+
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Row-normalised attention matrix of the current mode, ``[B, H, L, L]`` (O(L^2)).
+
+        In ``flt``/``performer`` mode this is the matrix implied by the random features
+        (``phi(Q^)_i . phi(K^)_j`` normalised), i.e. what the linear attention actually applies.
+        """
+        self._check_inputs(x, pos, padding_mask)
+        q, k, _ = self._project(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.mode == "exact":
+                bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
+                return softmax_attention_weights(
+                    _acc(q), _acc(k), bias=bias, causal=self.causal, padding_mask=padding_mask, scale=1.0
+                )
+            phi_q, phi_k = self._features(q, k, pos, padding_mask)
+            return linear_attention_weights(phi_q, phi_k, causal=self.causal, padding_mask=padding_mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, "
+            f"kernel={self.kernel!r}, num_rpe_features={self.num_rpe_features}, "
+            f"num_kernel_features={self.num_kernel_features}, causal={self.causal}, dropout={self.dropout}"
+        )

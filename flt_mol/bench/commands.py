@@ -1,0 +1,51 @@
+"""``flt-mol bench {attention, rpe, data}``.
+
+``attention``: speed / peak memory of one pre-LN layer per attention method (paper Fig. 1), see
+:mod:`flt_mol.bench.attention`. ``rpe``: max-norm error of the RPE random features versus r (paper
+Thm 4.2), see :mod:`flt_mol.bench.rpe`. ``data``: the data-pipeline benchmark of
+:mod:`flt_mol.bench.data_pipeline`, added only when that module exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+__all__ = ["add_parser"]
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from flt_mol.bench import attention
+
+    return attention.run(args)
+
+
+def _run_rpe(args: argparse.Namespace) -> int:
+    from flt_mol.bench import rpe
+
+    return rpe.run(args)
+
+
+def add_parser(subparsers) -> None:
+    """Add ``bench`` and its sub-commands to the ``flt-mol`` parser."""
+    bench = subparsers.add_parser("bench", help="benchmarks: attention speed/memory, RPE error, data pipeline")
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+    from flt_mol.bench import attention, rpe  # light modules: heavy imports live in their functions
+
+    p = sub.add_parser("attention", help="forward time and peak memory vs length (paper Fig. 1)")
+    attention.add_arguments(p)
+    p.set_defaults(func=_run_attention)
+
+    p = sub.add_parser("rpe", help="RPE mask max-norm error vs number of features (paper Thm 4.2)")
+    rpe.add_arguments(p)
+    p.set_defaults(func=_run_rpe)
+
+    # The data benchmark is written separately; a missing module means no sub-command.
+    if importlib.util.find_spec("flt_mol.bench.data_pipeline") is not None:
+        data = importlib.import_module("flt_mol.bench.data_pipeline")
+        p = sub.add_parser("data", help="data pipeline throughput")
+        data.add_arguments(p)
+        p.set_defaults(func=data.run)

@@ -1,0 +1,226 @@
+"""``flt-mol convert``: any ASE-readable structure file(s) -> OC20 legacy LMDB.
+
+What is read (``--mode``):
+
+* ``frames`` (default for every format except ``traj``): each selected frame is one structure.
+  ``pos`` = the frame's positions; ``tags`` = its tags (extxyz column ``tags``, traj/db tags);
+  ``fixed`` = its ``FixAtoms`` constraints (extxyz ``move_mask`` column, traj/db constraints);
+  ``y_relaxed`` / ``y_init`` / ``sid`` = per-frame info keys of those names when present
+  (extxyz comment line, ASE db key-value pairs: db files are read row by row so that the
+  key-value pairs survive); ``pos_relaxed`` = a per-atom array
+  ``pos_relaxed`` when present (extxyz column). The energy a frame carries (extxyz ``energy=``,
+  a calculator in traj/db) is stored as ``--calc-energy`` (default ``y_relaxed``; ``y_init``
+  or ``none`` are the alternatives) unless the info key of that name is present.
+  ``sid`` defaults to the frame's position in the output.
+* ``relaxation`` (default for ``traj``): each input file holds one relaxation; the first
+  selected frame is the initial structure and the last the relaxed one: ``pos`` / ``y_init``
+  from the first, ``pos_relaxed`` / ``y_relaxed`` from the last (energies from info keys or
+  the frames' calculators). ``sid`` = the first frame's info ``sid``, else the file's position
+  among the inputs.
+
+Several inputs can be given; they are written in order into one LMDB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run_convert", "read_structures"]
+
+_CALC_ENERGY_CHOICES = ("y_relaxed", "y_init", "none")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``convert`` to the ``flt-mol`` command line."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert ASE-readable structures (extxyz, traj, ASE db, ...) to an OC20 LMDB",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure file(s) ASE can read")
+    parser.add_argument("output", metavar="OUTPUT.lmdb", help="OC20 LMDB file to write")
+    parser.add_argument(
+        "--index", default=":", help="ASE index of the frames to read in each input (default ':')"
+    )
+    parser.add_argument("--format", default=None, help="ASE format name (default: guessed)")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "frames", "relaxation"),
+        default="auto",
+        help="frames: one structure per frame; relaxation: one per file (first frame initial, "
+        "last frame relaxed); auto: relaxation for traj files, frames otherwise",
+    )
+    parser.add_argument(
+        "--calc-energy",
+        choices=_CALC_ENERGY_CHOICES,
+        default="y_relaxed",
+        help="(frames mode) field that receives a frame's own energy (default y_relaxed)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    parser.set_defaults(func=run_convert)
+    return parser
+
+
+def _frame_energy(atoms: Any) -> float | None:
+    from flt_mol.data.oc20 import _stored_energy
+
+    return _stored_energy(atoms)
+
+
+def _frame_info(atoms: Any) -> dict[str, Any]:
+    """``atoms.info`` with an ASE db row's key-value pairs lifted to the top level."""
+    info = dict(atoms.info)
+    kvp = info.pop("key_value_pairs", None)
+    if isinstance(kvp, dict):
+        for key, value in kvp.items():
+            info.setdefault(key, value)
+    return info
+
+
+def _frames_to_data(frames: list[Any], *, start_sid: int, calc_energy: str) -> Iterator[Any]:
+    import numpy as np
+    import torch
+
+    from flt_mol.data.oc20 import atoms_to_data
+
+    for offset, atoms in enumerate(frames):
+        info = _frame_info(atoms)
+        sid = info.get("sid")
+        data = atoms_to_data(
+            atoms,
+            y_init=info.get("y_init"),
+            y_relaxed=info.get("y_relaxed"),
+            sid=sid if sid is not None else start_sid + offset,
+        )
+        energy = _frame_energy(atoms)
+        if energy is not None and calc_energy != "none" and calc_energy not in data.keys():
+            data[calc_energy] = energy
+        if "pos_relaxed" in atoms.arrays:
+            data.pos_relaxed = torch.tensor(
+                np.asarray(atoms.arrays["pos_relaxed"], dtype=np.float64), dtype=torch.float32
+            )
+        yield data
+
+
+def _relaxation_to_data(frames: list[Any], *, sid: int) -> Any:
+    from flt_mol.data.oc20 import atoms_to_data
+
+    first, last = frames[0], frames[-1]
+    y_init = _frame_info(first).get("y_init")
+    y_relaxed = _frame_info(last).get("y_relaxed")
+    return atoms_to_data(
+        first,
+        relaxed=last,
+        y_init=y_init if y_init is not None else _frame_energy(first),
+        y_relaxed=y_relaxed if y_relaxed is not None else _frame_energy(last),
+        sid=_frame_info(first).get("sid", sid),
+    )
+
+
+def _read_db(path: Path, index: str) -> list[Any]:
+    """ASE db rows as Atoms whose info keeps the key-value pairs (ase.io.read drops them)."""
+    import ase.db
+    from ase.io.formats import string2index
+
+    selection = string2index(index)
+    with ase.db.connect(str(path)) as db:
+        rows = list(db.select())
+    chosen = rows[selection] if isinstance(selection, slice) else [rows[selection]]
+    return [row.toatoms(add_additional_information=True) for row in chosen]
+
+
+def read_structures(
+    inputs: list[str | Path],
+    *,
+    index: str = ":",
+    format: str | None = None,
+    mode: str = "auto",
+    calc_energy: str = "y_relaxed",
+) -> Iterator[Any]:
+    """Yield OC20 ``Data`` for the structures in ``inputs`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: an input cannot be read by ASE in the given format, or selects no frames.
+    """
+    import ase.io
+    from ase.io.formats import UnknownFileTypeError, filetype
+
+    if mode not in ("auto", "frames", "relaxation"):
+        raise ValueError(f"mode must be auto, frames or relaxation, got {mode!r}")
+    if calc_energy not in _CALC_ENERGY_CHOICES:
+        raise ValueError(f"calc_energy must be one of {_CALC_ENERGY_CHOICES}, got {calc_energy!r}")
+    count = 0
+    for file_number, name in enumerate(inputs):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such input file")
+        try:
+            fmt = format if format is not None else filetype(str(path), guess=True)
+            if fmt == "db":
+                frames = _read_db(path, index)
+            else:
+                frames = ase.io.read(str(path), index=index, format=fmt)
+        except (UnknownFileTypeError, ValueError, KeyError, IndexError, OSError, EOFError) as err:
+            raise ValueError(
+                f"{path}: cannot be read by ASE"
+                + (f" as format {format!r}" if format is not None else "")
+                + f" ({type(err).__name__}: {err})"
+            ) from err
+        if not isinstance(frames, list):
+            frames = [frames]
+        if not frames:
+            raise ValueError(f"{path}: index {index!r} selects no frames")
+        file_mode = mode if mode != "auto" else ("relaxation" if fmt == "traj" else "frames")
+        if file_mode == "relaxation":
+            yield _relaxation_to_data(frames, sid=file_number)
+            count += 1
+        else:
+            for data in _frames_to_data(frames, start_sid=count, calc_energy=calc_energy):
+                yield data
+                count += 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Entry point of ``flt-mol convert``; returns the exit code."""
+    from flt_mol.data.oc20 import OC20FormatError, write_lmdb
+
+    output = Path(args.output)
+    stats = {"n": 0, "y_relaxed": 0, "pos_relaxed": 0, "no_adsorbate": 0}
+
+    def counted() -> Iterator[Any]:
+        for data in read_structures(
+            args.inputs,
+            index=args.index,
+            format=args.format,
+            mode=args.mode,
+            calc_energy=args.calc_energy,
+        ):
+            keys = data.keys()
+            stats["n"] += 1
+            stats["y_relaxed"] += "y_relaxed" in keys
+            stats["pos_relaxed"] += "pos_relaxed" in keys
+            stats["no_adsorbate"] += not bool((data.tags == 2).any())
+            yield data
+
+    try:
+        n = write_lmdb(counted(), output, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, OC20FormatError) as err:
+        print(f"flt-mol convert: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {n} structures to {output} ({stats['y_relaxed']} with y_relaxed, "
+        f"{stats['pos_relaxed']} with pos_relaxed)"
+    )
+    if stats["no_adsorbate"]:
+        print(
+            f"note: {stats['no_adsorbate']} structures have no atom tagged 2 (adsorbate); "
+            "periodic images and per-tag energy factors rely on OC20 tags",
+            file=sys.stderr,
+        )
+    return 0

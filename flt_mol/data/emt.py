@@ -1,0 +1,300 @@
+"""EMT-IS2RE, the embedded default IS2RE data set: shipped files -> OC20 LMDBs, and the
+``flt-mol dataset`` command.
+
+The generator (:mod:`flt_mol.data.emt_generator`) writes one compressed ``<split>.npz`` per split
+(concatenated per-atom arrays plus ``offsets``; see :func:`flt_mol.data.emt_generator.records_to_arrays`)
+into ``datasets/emt_is2re/``. :func:`emt_is2re` turns a split into an OC20 legacy LMDB on first
+use, written by :func:`flt_mol.data.oc20.write_lmdb` under a temporary name and renamed (two
+processes racing both produce the same file; the last rename wins), cached under
+
+    <root>/emt_is2re/<sha256 of the split's npz, 16 hex>/<split>.lmdb
+
+with ``root`` = the argument, else ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``. Systems
+flagged anomalous by the generator (desorbed, dissociated, reconstructed, not converged) are kept
+in the shipped files but left out of the LMDBs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "EMT_SPLITS",
+    "SHIPPED_DIR",
+    "emt_is2re",
+    "load_split_arrays",
+    "split_items",
+    "split_statistics",
+    "compute_baselines",
+    "ship",
+    "add_parser",
+]
+
+EMT_SPLITS: tuple[str, ...] = ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "emt_is2re"
+
+
+def _check_split(split: str) -> None:
+    if split not in EMT_SPLITS:
+        raise ValueError(f"unknown EMT-IS2RE split {split!r}; valid splits: {', '.join(EMT_SPLITS)}")
+
+
+def _shipped_file(split: str, source: Path | None) -> Path:
+    _check_split(split)
+    folder = Path(source) if source is not None else SHIPPED_DIR
+    path = folder / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shipped EMT-IS2RE split file is missing (run `flt-mol dataset generate`)")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_split_arrays(split: str, *, source: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The shipped arrays of a split (all systems, anomalous ones included; ``flags == 0`` marks
+    the kept ones)."""
+    path = _shipped_file(split, Path(source) if source is not None else None)
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def split_items(arrays: dict[str, np.ndarray], *, keep_anomalous: bool = False) -> list[Any]:
+    """OC20 ``Data`` objects (fields of :mod:`flt_mol.data.oc20`) from shipped arrays."""
+    import torch
+    from torch_geometric.data import Data
+
+    off = arrays["offsets"]
+    out = []
+    for i in range(len(arrays["sid"])):
+        if not keep_anomalous and arrays["flags"][i] != 0:
+            continue
+        a, b = int(off[i]), int(off[i + 1])
+        tags = torch.from_numpy(arrays["tags"][a:b].astype(np.int64))
+        out.append(Data(
+            pos=torch.from_numpy(arrays["pos_init"][a:b].astype(np.float32)),
+            cell=torch.from_numpy(arrays["cell"][i].astype(np.float32)).view(1, 3, 3),
+            atomic_numbers=torch.from_numpy(arrays["numbers"][a:b].astype(np.float32)),
+            natoms=b - a,
+            tags=tags,
+            fixed=(tags == 0).float(),
+            sid=int(arrays["sid"][i]),
+            y_init=float(arrays["y_init"][i]),
+            y_relaxed=float(arrays["y_relaxed"][i]),
+            pos_relaxed=torch.from_numpy(arrays["pos_relaxed"][a:b].astype(np.float32)),
+        ))
+    return out
+
+
+def _cache_root(root: str | os.PathLike | None) -> Path:
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("FLT_MOL_DATA_DIR")
+    return Path(env) if env is not None and env != "" else Path.home() / ".cache" / "flt_mol"
+
+
+def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
+              source: str | os.PathLike | None = None) -> Path:
+    """Path of the OC20 LMDB of an EMT-IS2RE split, built from the shipped files on first use.
+
+    Args:
+        split: one of :data:`EMT_SPLITS`.
+        root: cache root (default ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``); the file is
+            ``root/emt_is2re/<hash of the shipped npz>/<split>.lmdb``.
+        source: folder of the shipped ``<split>.npz`` files (default ``datasets/emt_is2re``).
+
+    Raises:
+        ValueError: unknown split (the message lists the valid ones).
+        FileNotFoundError: the shipped file is missing.
+    """
+    from flt_mol.data.oc20 import write_lmdb
+
+    shipped = _shipped_file(split, Path(source) if source is not None else None)
+    folder = _cache_root(root) / "emt_is2re" / _sha256(shipped)[:16]
+    path = folder / f"{split}.lmdb"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    items = split_items(load_split_arrays(split, source=shipped.parent))
+    # write_lmdb is itself atomic; writing under a private name and renaming makes a race between
+    # two processes harmless (both files are identical, the last os.replace wins).
+    tmp = folder / f".{split}.{os.getpid()}.{uuid.uuid4().hex[:8]}.lmdb"
+    try:
+        write_lmdb(items, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# statistics and baselines
+
+
+def _keys_and_counts(arrays: dict[str, np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    from flt_mol.data.references import MAX_Z
+    from ase.data import chemical_symbols
+
+    off = arrays["offsets"]
+    counts, keys = [], []
+    for i in np.flatnonzero(mask):
+        z = arrays["numbers"][off[i]:off[i + 1]].astype(np.int64)
+        t = arrays["tags"][off[i]:off[i + 1]]
+        counts.append(np.bincount(z, minlength=MAX_Z + 1).astype(np.float64))
+        c = np.bincount(z[t == 2], minlength=MAX_Z + 1)
+        keys.append("".join(f"{chemical_symbols[k]}{int(c[k])}" for k in
+                            sorted(np.flatnonzero(c), key=lambda k: chemical_symbols[k])))
+    return (np.stack(counts) if counts else np.zeros((0, MAX_Z + 1))), keys
+
+
+def split_statistics(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Sizes and energy spread of one split's arrays (energies over kept systems)."""
+    kept = arrays["flags"] == 0
+    y = arrays["y_relaxed"][kept]
+    natoms = np.diff(arrays["offsets"])[kept]
+    flags = arrays["flags"]
+    return {
+        "n_systems": int(len(flags)),
+        "n_kept": int(kept.sum()),
+        "n_desorbed": int(((flags & 1) > 0).sum()),
+        "n_dissociated": int(((flags & 2) > 0).sum()),
+        "n_reconstructed": int(((flags & 4) > 0).sum()),
+        "n_not_converged": int(((flags & 8) > 0).sum()),
+        "energy_mean": float(y.mean()) if len(y) else float("nan"),
+        "energy_std": float(y.std()) if len(y) else float("nan"),
+        "natoms_min": int(natoms.min()) if len(y) else 0,
+        "natoms_max": int(natoms.max()) if len(y) else 0,
+        "n_adsorbates": int(len(np.unique(arrays["ads_index"][kept]))),
+    }
+
+
+def compute_baselines(*, source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fit the trivial baselines on the kept train systems and evaluate them on every split.
+
+    Returns:
+        ``{"fit": TrivialBaselines.to_dict(), "splits": {split: {**statistics, "baselines":
+        {name: mae}}}}``.
+    """
+    from flt_mol.data.references import TrivialBaselines
+
+    arrays = {s: load_split_arrays(s, source=source) for s in EMT_SPLITS}
+    tr = arrays["train"]
+    counts, keys = _keys_and_counts(tr, tr["flags"] == 0)
+    fit = TrivialBaselines.fit_arrays(counts, keys, tr["y_relaxed"][tr["flags"] == 0])
+    out: dict[str, Any] = {"fit": fit.to_dict(), "splits": {}}
+    for s in EMT_SPLITS:
+        a = arrays[s]
+        mask = a["flags"] == 0
+        c, k = _keys_and_counts(a, mask)
+        out["splits"][s] = {**split_statistics(a), "baselines": fit.evaluate_arrays(c, k, a["y_relaxed"][mask])}
+    return out
+
+
+def ship(generated: str | os.PathLike, *, dest: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Copy the merged ``<split>.npz`` files and ``generator_config.json`` of a generation run
+    into the shipped folder and write ``baselines.json`` there."""
+    generated = Path(generated)
+    dest = Path(dest) if dest is not None else SHIPPED_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in [f"{s}.npz" for s in EMT_SPLITS] + ["generator_config.json"]:
+        src = generated / name
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: missing from the generation run (merge it first)")
+        tmp = dest / f".{name}.{os.getpid()}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest / name)
+    result = compute_baselines(source=dest)
+    tmp = dest / f".baselines.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, dest / "baselines.json")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    source = Path(args.source) if args.source is not None else SHIPPED_DIR
+    path = source / "baselines.json"
+    result = json.loads(path.read_text()) if path.is_file() else compute_baselines(source=source)
+    if args.json:
+        print(json.dumps(result["splits"], indent=1))
+        return 0
+    names = ("train_mean", "per_adsorbate_mean", "composition_linear")
+    print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
+    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>20}" for n in names))
+    for s, st in result["splits"].items():
+        print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
+              + "".join(f"{st['baselines'][n]:>20.3f}" for n in names))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    for s in args.splits if args.splits else EMT_SPLITS:
+        print(f"{s}: {emt_is2re(s, root=args.root, source=args.source)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from flt_mol.data import emt_generator
+
+    argv = ["--seed", str(args.seed), "--out", str(args.out)]
+    if args.num:
+        argv += ["--num", *args.num]
+    if args.max_chunks is not None:
+        argv += ["--max-chunks", str(args.max_chunks)]
+    if args.merge_only:
+        argv.append("--merge-only")
+    code = emt_generator.main(argv)
+    if code == 0 and args.ship:
+        result = ship(args.out, dest=args.source)
+        print(json.dumps({s: v["n_kept"] for s, v in result["splits"].items()}))
+    return code
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``dataset {info,build,generate}`` to the ``flt-mol`` command line."""
+    parser = subparsers.add_parser("dataset", help="the embedded EMT-IS2RE data set (info, build, generate)")
+    sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    p = sub.add_parser("info", help="sizes, energy mean/std and trivial baselines per split")
+    p.add_argument("--source", default=None, help="folder of the shipped files (default datasets/emt_is2re)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("build", help="build the OC20 LMDBs of the splits (cached)")
+    p.add_argument("splits", nargs="*", metavar="SPLIT", help=f"default: all of {', '.join(EMT_SPLITS)}")
+    p.add_argument("--root", default=None, help="cache root (default $FLT_MOL_DATA_DIR or ~/.cache/flt_mol)")
+    p.add_argument("--source", default=None, help="folder of the shipped files")
+    p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("generate", help="rerun the EMT generator (slow: ~0.3 s per system)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="working folder (shards; resumable)")
+    p.add_argument("--num", nargs="*", default=None, metavar="SPLIT=N", help="kept systems per split")
+    p.add_argument("--max-chunks", type=int, default=None)
+    p.add_argument("--merge-only", action="store_true", help="only merge existing shards")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the merged files into --source and write baselines.json")
+    p.add_argument("--source", default=None, help="shipped folder for --ship (default datasets/emt_is2re)")
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from flt_mol.cli import main
+
+    sys.exit(main(["dataset", *sys.argv[1:]]))

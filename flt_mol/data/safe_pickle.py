@@ -1,0 +1,292 @@
+"""Restricted unpickling for OC20 LMDB entries.
+
+A pickle is a program: ``pickle.loads`` imports and calls whatever callables the byte stream
+names, so an LMDB file from an untrusted source can run arbitrary code. OC20 entries only need a
+handful of constructors (torch_geometric ``Data`` and its storages, torch tensor rebuilds, numpy
+array reconstruction, a few builtins), so :class:`SafeUnpickler` resolves globals through an
+explicit allow-list and refuses everything else *before* it is called: the refusal is raised by
+``find_class``, which runs when the stream first names the global, so no payload that needs a
+refused callable is ever executed.
+
+Tensor storages pickled by ``torch`` (``torch.storage._load_from_bytes``) embed a second,
+complete ``torch.save`` stream which ``torch`` would load with an unrestricted unpickler. Here
+that call is replaced by :func:`load_storage_bytes`, which parses the legacy ``torch.save``
+layout with the same restrictions (and falls back to ``torch.load(..., weights_only=True)``,
+torch's own restricted loader, for layouts it does not recognise).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import copyreg
+import io
+import pickle
+import struct
+from collections import OrderedDict
+from typing import Any
+
+__all__ = [
+    "UnsafePickleError",
+    "SafeUnpickler",
+    "safe_loads",
+    "allowed_globals",
+    "load_storage_bytes",
+]
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle named a global outside the allow-list; nothing of it was called."""
+
+
+# ``torch.save`` legacy format constants (torch/serialization.py).
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
+
+_STORAGE_DTYPE_NAMES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+    "UntypedStorage": "uint8",
+}
+
+
+def load_storage_bytes(b: bytes) -> Any:
+    """Safe replacement for ``torch.storage._load_from_bytes``.
+
+    Parses the legacy ``torch.save`` layout of a single storage: five pickles (magic number,
+    protocol version, system info, the storage as a persistent id, the list of storage keys)
+    followed, per key, by an int64 element count and the raw little-endian bytes. Anything
+    else goes to ``torch.load(weights_only=True)`` (torch's own restricted unpickler).
+    """
+    import torch
+
+    storage = _parse_legacy_storage(b)
+    if storage is not None:
+        return storage
+    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+
+
+_ELEMENT_SIZES = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16,
+}
+
+
+def rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    backward_hooks: Any,
+    metadata: Any = None,
+) -> Any:
+    """Stand-in for ``torch._utils._rebuild_tensor_v2`` (same result, fewer checks: CPU only).
+
+    Backward hooks are callables and so could only be allow-listed ones; a non-empty hook
+    dict is refused rather than attached.
+    """
+    import torch
+
+    if backward_hooks:
+        raise UnsafePickleError("refusing a tensor pickled with backward hooks")
+    t = torch.empty((0,), dtype=storage.dtype).set_(
+        storage._untyped_storage, storage_offset, size, stride
+    )
+    if requires_grad:
+        t.requires_grad_(True)
+    if metadata:
+        torch._utils.set_tensor_metadata(t, metadata)
+    return t
+
+
+class _StorageType:
+    __slots__ = ("dtype_name",)
+
+    def __init__(self, dtype_name: str) -> None:
+        self.dtype_name = dtype_name
+
+
+class _LegacyHeaderUnpickler(pickle.Unpickler):
+    """Reads the small header pickles of a legacy ``torch.save`` stream; knows only storage types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPE_NAMES:
+            return _StorageType(_STORAGE_DTYPE_NAMES[name])
+        raise UnsafePickleError(f"tensor storage bytes name {module}.{name}, not a storage type")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return ("__persistent__", pid)
+
+
+def _parse_legacy_storage(b: bytes) -> Any:
+    """Return a TypedStorage, or None when ``b`` is not a plain single-storage legacy stream."""
+    import torch
+
+    f = io.BytesIO(b)
+    try:
+        # The five pickles follow each other; one unpickler reads them in turn.
+        unpickler = _LegacyHeaderUnpickler(f)
+        magic = unpickler.load()
+        version = unpickler.load()
+        sys_info = unpickler.load()
+        obj = unpickler.load()
+        keys = unpickler.load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError):
+        return None
+    if magic != _LEGACY_MAGIC_NUMBER or version != _LEGACY_PROTOCOL_VERSION:
+        return None
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        return None
+    if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__persistent__"):
+        return None
+    pid = obj[1]
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        return None
+    storage_type, key = pid[1], pid[2]
+    if not isinstance(storage_type, _StorageType) or keys != [key]:
+        return None
+    if len(pid) >= 6 and pid[5] is not None:  # storage views: rare, leave to torch
+        return None
+    dtype = getattr(torch, storage_type.dtype_name)
+    element_size = _ELEMENT_SIZES[storage_type.dtype_name]
+    header = f.read(8)
+    if len(header) != 8:
+        raise pickle.UnpicklingError("tensor storage bytes are truncated (no element count)")
+    (numel,) = struct.unpack("<q", header)
+    nbytes = numel * element_size
+    start = f.tell()
+    if numel < 0 or start + nbytes > len(b):
+        raise pickle.UnpicklingError(
+            f"tensor storage bytes are truncated: {numel} elements announced, "
+            f"{len(b) - start} bytes present"
+        )
+    if nbytes == 0:
+        untyped = torch.UntypedStorage(0)
+    else:
+        # torch.frombuffer keeps a reference to the bytearray, which owns the copy.
+        untyped = torch.frombuffer(bytearray(b[start : start + nbytes]), dtype=torch.uint8)
+        untyped = untyped.untyped_storage()
+    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as used by protocol-2 pickles for ``bytes``, limited to latin-1."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _build_allow_list() -> dict[tuple[str, str], Any]:
+    import numpy as np
+    import torch
+    import torch._utils
+    import torch_geometric.data.data as pyg_data
+    import torch_geometric.data.storage as pyg_storage
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+        ("builtins", "slice"): slice,
+        ("collections", "OrderedDict"): OrderedDict,
+        # Python 3 protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"): _latin1_encode,
+        # protocol 0/1 object pickles; its arguments are classes that passed this allow-list.
+        ("copyreg", "_reconstructor"): copyreg._reconstructor,
+        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): load_storage_bytes,
+        ("torch", "from_numpy"): torch.from_numpy,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for dtype_name in (
+        "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+        "uint8", "bool", "complex64", "complex128",
+    ):
+        allowed[("torch", dtype_name)] = getattr(torch, dtype_name)
+    # numpy moved its private reconstruction helpers from numpy.core to numpy._core in 2.0;
+    # files written by either version name one of the two modules.
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5: _frombuffer(buf, dtype, shape, order)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = frombuffer
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    if dtypes is not None:
+        for name in dir(dtypes):
+            if name.endswith("DType"):
+                allowed[("numpy.dtypes", name)] = getattr(dtypes, name)
+    for name in ("Data", "DataEdgeAttr", "DataTensorAttr"):
+        if hasattr(pyg_data, name):
+            allowed[("torch_geometric.data.data", name)] = getattr(pyg_data, name)
+    for name in ("BaseStorage", "GlobalStorage", "NodeStorage", "EdgeStorage"):
+        if hasattr(pyg_storage, name):
+            allowed[("torch_geometric.data.storage", name)] = getattr(pyg_storage, name)
+    return allowed
+
+
+_ALLOWED: dict[tuple[str, str], Any] | None = None
+
+
+def allowed_globals() -> dict[tuple[str, str], Any]:
+    """The allow-list: ``(module, name) -> object`` returned to the unpickler (built once)."""
+    global _ALLOWED
+    if _ALLOWED is None:
+        _ALLOWED = _build_allow_list()
+    return _ALLOWED
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves globals only through :func:`allowed_globals`.
+
+    Args:
+        file: binary file object holding the pickle.
+        source: where the bytes come from (e.g. ``"data.lmdb, key b'12'"``), used in errors.
+    """
+
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, *, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol < 3 pickles name Python 2 modules (__builtin__, copy_reg); the stock
+        # find_class maps them back, which an override must do itself.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        obj = allowed_globals().get((module, name))
+        if obj is None:
+            raise UnsafePickleError(
+                f"{self.source}: refusing to unpickle global {module}.{name}: it is not on the "
+                "allow-list of flt_mol.data.safe_pickle (only torch_geometric Data, tensor and "
+                "numpy array reconstruction and builtin containers are accepted)"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.source}: refusing a persistent id in the pickle: {pid!r}")
+
+
+def safe_loads(data: bytes | memoryview, *, source: str) -> Any:
+    """``pickle.loads`` restricted to the allow-list; ``source`` names the file/key in errors."""
+    return SafeUnpickler(io.BytesIO(data), source=source).load()

@@ -1,0 +1,291 @@
+"""The IS2RE energy model: a Graphormer-3D-style transformer with FLT attention.
+
+Reference: Shi et al. 2022, "Benchmarking Graphormer on large-scale molecular modeling datasets"
+(Graphormer-3D), with the pairwise Gaussian-basis bias replaced by FLT's random-feature RPE
+(Choromanski et al., FourierLearner-Transformers) so that every part of the model is linear in
+the number of atoms (structure plus periodic images).
+
+For a structure with atoms i (real atoms, then periodic-image tokens, then padding)::
+
+    h_i^0 = Emb_Z(z_i) + Emb_tag(t_i) + W_c c_i,      c_i[c] = sum_{j != i} f_c(r_i - r_j)
+    h^{k+1} = Stack(h^k; r)   for k = 0 .. blocks-1     (the same L pre-LN layers each time)
+    E       = sum_{i real, t_i > 0} gamma_{t_i} MLP(LN(h_i))
+    d_i     = sum_c a_ic / max(c_i[c], 1) sum_j f_c(r_i - r_j) b_jc (r_j - r_i)   (displacement head)
+
+``f_c`` are Gaussian-basis functions ``sum_t w_ct (2 pi s_ct^2)^(-3/2) exp(-|x|^2 / 2 s_ct^2)``;
+the sums over j are evaluated with random Fourier features ``f_c(r_i - r_j) ~ n1_i . n2_j``
+(``flt_mol.attention.GaussianBasisRPE``), so they cost O(L) instead of O(L^2). The attention in
+every layer is :class:`flt_mol.attention.FLTAttention` with one per-head Gaussian-basis RPE shared
+by all layers. ``attention: flt | performer | exact`` switches only the attention kernel.
+
+Einsum legend: b batch, c context channels, i/j atoms, f random features (2r), x xyz.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flt_mol.models.blocks import TransformerBlock
+
+__all__ = [
+    "IS2REModel",
+    "IS2REModelConfig",
+    "gaussian_context",
+    "gaussian_context_exact",
+    "displacement_sum",
+    "displacement_sum_exact",
+    "energy_readout",
+]
+
+ATTENTION_MODES = ("flt", "performer", "exact")
+
+
+@dataclass
+class IS2REModelConfig:
+    """Hyper-parameters of :class:`IS2REModel` (defaults: the paper's OC20 FLT-12L)."""
+
+    attention: str = "flt"  # flt | performer | exact
+    num_layers: int = 12
+    embed_dim: int = 768
+    ffn_dim: int = 2048
+    num_heads: int = 48
+    num_kernel_features: int = 64  # m, FAVOR+ features
+    num_rpe_features: int = 16  # r, RPE random Fourier features
+    num_kernels: int = 32  # T, Gaussian basis functions per head
+    blocks: int = 4  # iterative refinement: the layer stack applied this many times
+    dropout: float = 0.0
+    attention_dropout: float = 0.1
+    kernel: str = "favor+"
+    context_channels: int = 32  # Gaussian-basis channels of the per-atom context / displacement head
+    context: str = "features"  # features (random features, O(L)) | exact (O(L^2) reference)
+    num_elements: int = 100
+    num_tags: int = 3
+    displacement_head: bool = True
+
+    def validate(self) -> None:
+        from flt_mol.train.config import ConfigError
+
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.context not in ("features", "exact"):
+            raise ConfigError(f"model.context must be 'features' or 'exact', got {self.context!r}")
+        if self.embed_dim % self.num_heads != 0:
+            raise ConfigError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        for name in ("num_layers", "embed_dim", "ffn_dim", "num_heads", "num_kernel_features",
+                     "num_rpe_features", "num_kernels", "blocks", "context_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions (linear form beside its O(L^2) reference)
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_context(n1: torch.Tensor, n2: torch.Tensor, *, padding_mask: torch.Tensor) -> torch.Tensor:
+    """``c_i[c] = sum_{j != i, j not pad} n1_i[c] . n2_j[c]``, in O(L).
+
+    Shapes: ``n1, n2 [B, C, L, F]``, ``padding_mask [B, L]`` (True = pad) -> ``[B, L, C]``
+    (zero on padded rows).
+    """
+    keep = (~padding_mask).to(n1.dtype)  # [B, L]
+    n2 = n2 * keep[:, None, :, None]
+    total = torch.einsum("bcif,bcf->bci", n1, n2.sum(dim=2))
+    self_term = (n1 * n2).sum(-1)  # the j = i term, which sum_j includes
+    return ((total - self_term) * keep[:, None, :]).transpose(1, 2)
+
+
+def gaussian_context_exact(mask_fn, pos: torch.Tensor, *, padding_mask: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`gaussian_context`: ``c_i[c] = sum_{j != i, j not pad} f_c(r_i - r_j)``.
+
+    Shapes: ``pos [B, L, 3]``, ``mask_fn(delta[B, L, L, 3]) -> [B, L, L, C]`` -> ``[B, L, C]``.
+    """
+    delta = pos[:, :, None, :] - pos[:, None, :, :]
+    f = mask_fn(delta)  # [B, L, L, C]
+    length = pos.shape[1]
+    pair = (~padding_mask)[:, :, None] & (~padding_mask)[:, None, :]
+    pair = pair & ~torch.eye(length, dtype=torch.bool, device=pos.device)
+    return (f * pair[..., None].to(f.dtype)).sum(dim=2)
+
+
+def displacement_sum(n1: torch.Tensor, n2: torch.Tensor, *, pos: torch.Tensor, query: torch.Tensor,
+                     key: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """``d_i = sum_c a_ic sum_j (n1_i[c] . n2_j[c]) b_jc (r_j - r_i)`` in O(L).
+
+    Expanding ``r_j - r_i`` splits the sum into ``n1_i . (sum_j b_j n2_j r_j^T)`` minus
+    ``r_i (n1_i . sum_j b_j n2_j)``; the j = i term is zero by construction. Equivariant under
+    rotations of the positions whenever ``n1 . n2`` is invariant (exactly in expectation over
+    the random features); exactly invariant to translations.
+
+    Shapes: ``n1, n2 [B, C, L, F]``, ``pos [B, L, 3]``, ``query a, key b [B, L, C]``,
+    ``padding_mask [B, L]`` -> ``[B, L, 3]``.
+    """
+    keep = (~padding_mask).to(n1.dtype)
+    kb = key * keep[..., None]  # padded keys contribute nothing
+    s_vec = torch.einsum("bcjf,bjc,bjx->bcfx", n2, kb, pos)
+    s_one = torch.einsum("bcjf,bjc->bcf", n2, kb)
+    term_vec = torch.einsum("bcif,bcfx,bic->bix", n1, s_vec, query)
+    term_one = torch.einsum("bcif,bcf,bic->bi", n1, s_one, query)
+    return (term_vec - pos * term_one[..., None]) * keep[..., None]
+
+
+def displacement_sum_exact(mask_fn, *, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                           padding_mask: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`displacement_sum` with the exact ``f_c`` (O(L^2))."""
+    delta = pos[:, :, None, :] - pos[:, None, :, :]  # r_i - r_j, [B, L, L, 3]
+    f = mask_fn(delta)  # [B, L, L, C]
+    keep = ~padding_mask
+    pair = (keep[:, :, None] & keep[:, None, :]).to(f.dtype)
+    w = torch.einsum("bijc,bic,bjc->bij", f * pair[..., None], query, key)
+    return torch.einsum("bij,bijx->bix", w, -delta)
+
+
+def energy_readout(atom_energy: torch.Tensor, *, tags: torch.Tensor, tag_factor: torch.Tensor,
+                   readout_mask: torch.Tensor) -> torch.Tensor:
+    """``E_b = sum_{i in readout} gamma[t_i] e_i``.
+
+    Shapes: ``atom_energy [B, L]``, ``tags [B, L]`` long, ``tag_factor [num_tags]``,
+    ``readout_mask [B, L]`` bool (real atoms with tag > 0) -> ``[B]``.
+    """
+    return (atom_energy * tag_factor[tags] * readout_mask.to(atom_energy.dtype)).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class IS2REModel(nn.Module):
+    """Initial structure -> normalised relaxed energy (and normalised displacements).
+
+    Args:
+        config: :class:`IS2REModelConfig`.
+
+    Forward input: an :class:`flt_mol.data.collate.AtomsBatch` (or any object with
+    ``atomic_numbers [B, L]`` long, ``pos [B, L, 3]``, ``tags [B, L]``, ``padding_mask [B, L]``
+    (True = pad) and ``is_image [B, L]``).
+
+    Forward output: ``{"energy": [B], "displacement": [B, L, 3] or None}``; energies are in the
+    task's normalised units (the task adds references and undoes the normalisation), the energy
+    sums over real atoms with tag > 0 (periodic images and padding excluded).
+    """
+
+    def __init__(self, config: IS2REModelConfig):
+        super().__init__()
+        from flt_mol.attention import FLTAttention, GaussianBasisRPE
+
+        config.validate()
+        self.config = config
+        d = config.embed_dim
+        self.atom_embedding = nn.Embedding(config.num_elements + 1, d, padding_idx=0)
+        self.tag_embedding = nn.Embedding(config.num_tags, d)
+        # One per-head RPE, shared by every layer and every refinement block (DESIGN §3); the
+        # Performer baseline has none (its attention would ignore it).
+        self.rpe = (
+            GaussianBasisRPE(config.num_heads, config.num_kernels, dim=3)
+            if config.attention != "performer"
+            else None
+        )
+        # Per-atom context and displacement head: their own Gaussian-basis channels, evaluated
+        # with random features like the attention's RPE.
+        self.context_rpe = GaussianBasisRPE(config.context_channels, config.num_kernels, dim=3)
+        self.context_proj = nn.Linear(config.context_channels, d)
+        self.context_norm = nn.LayerNorm(config.context_channels)
+        self.register_buffer(
+            "context_noise", self.context_rpe.draw_noise(config.num_rpe_features), persistent=True
+        )
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                d,
+                FLTAttention(
+                    d, config.num_heads, rpe=self.rpe, mode=config.attention,
+                    num_rpe_features=config.num_rpe_features,
+                    num_kernel_features=config.num_kernel_features, kernel=config.kernel,
+                    causal=False, dropout=config.attention_dropout,
+                ),
+                config.ffn_dim,
+                dropout=config.dropout,
+            )
+            for _ in range(config.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(d)
+        self.energy_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.tag_factor = nn.Parameter(torch.ones(config.num_tags))
+        if config.displacement_head:
+            self.disp_query = nn.Linear(d, config.context_channels)
+            self.disp_key = nn.Linear(d, config.context_channels)
+        else:
+            self.disp_query = self.disp_key = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.atom_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.atom_embedding.weight[0].zero_()
+        nn.init.normal_(self.tag_embedding.weight, std=0.02)
+        nn.init.ones_(self.tag_factor)
+        # Small final layer: the initial prediction is close to the (normalised) mean energy.
+        nn.init.normal_(self.energy_head[-1].weight, std=0.01)
+        nn.init.zeros_(self.energy_head[-1].bias)
+        if self.disp_query is not None:
+            # Zero displacement at initialisation: the auxiliary loss starts at the target's
+            # variance instead of injecting large gradients into the shared trunk.
+            nn.init.zeros_(self.disp_query.weight)
+            nn.init.zeros_(self.disp_query.bias)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"attention={c.attention}, layers={c.num_layers}x{c.blocks} blocks, dim={c.embed_dim}, "
+                f"heads={c.num_heads}, m={c.num_kernel_features}, r={c.num_rpe_features}, T={c.num_kernels}")
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Redraw every random feature of the model (attention kernels, RPE and context)."""
+        self.context_noise.copy_(
+            self.context_rpe.draw_noise(self.config.num_rpe_features, generator=generator).to(self.context_noise)
+        )
+        for layer in self.layers:
+            layer.attention.redraw_features(generator=generator)
+
+    def _context_features(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.context_rpe.features(pos, self.config.num_rpe_features, noise=self.context_noise)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor | None]:
+        z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
+        pad = batch.padding_mask
+        real = ~pad & ~batch.is_image  # [B, L]
+        exact = self.config.context == "exact"
+        if exact:
+            mask_fn = self.context_rpe.mask
+            context = gaussian_context_exact(mask_fn, pos, padding_mask=pad)
+            n1 = n2 = None
+        else:
+            n1, n2 = self._context_features(pos)  # [B, C, L, 2r] each
+            context = gaussian_context(n1, n2, padding_mask=pad)  # [B, L, C]
+        h = self.atom_embedding(z) + self.tag_embedding(tags) + self.context_proj(self.context_norm(context))
+        h = h * (~pad)[..., None].to(h.dtype)
+        for _ in range(self.config.blocks):  # iterative refinement with shared weights
+            for layer in self.layers:
+                h = layer(h, pos, pad)
+        h = self.final_norm(h)
+        atom_energy = self.energy_head(h).squeeze(-1)  # [B, L]
+        energy = energy_readout(atom_energy, tags=tags, tag_factor=self.tag_factor,
+                                readout_mask=real & (tags > 0))
+        displacement = None
+        if self.disp_query is not None:
+            q, k = self.disp_query(h), self.disp_key(h)  # [B, L, C]
+            # Per channel, divide by the Gaussian neighbour count c_i (>= 1): the head then
+            # predicts a weighted mean of relative vectors (Angstrom scale) whatever the density.
+            q = q / context.clamp_min(1.0)
+            if exact:
+                displacement = displacement_sum_exact(self.context_rpe.mask, pos=pos, query=q, key=k,
+                                                      padding_mask=pad)
+            else:
+                displacement = displacement_sum(n1, n2, pos=pos, query=q, key=k, padding_mask=pad)
+        return {"energy": energy, "displacement": displacement}

@@ -1,0 +1,420 @@
+"""Tasks: what the task-agnostic loop trains (data, model, loss, metrics) and how tasks are chosen.
+
+Task selection is explicit and lives in two functions only: :func:`task_config_types` (the data
+and model dataclasses of a recipe) and :func:`build_task`. ``task: is2re`` is defined here;
+``task: lm`` and ``task: vit`` are imported lazily from :mod:`flt_mol.train.sequence_tasks`, which
+must provide ``config_types(task) -> (DataConfig, ModelConfig)`` and
+``build_sequence_task(config) -> Task``.
+
+A :class:`Task` gives the loop:
+
+* ``setup()`` fits statistics of the training split (run once, on rank 0, then shared through
+  ``state_dict`` / ``load_state_dict`` and saved in every checkpoint);
+* ``train_dataset()``, ``val_datasets()``, ``collate_fn()``, ``batch_size`` (global),
+  ``eval_batch_size``, ``num_workers``;
+* ``build_model()``, ``loss(model, batch, step) -> (loss, logs)`` (a loss whose DDP-averaged
+  gradient equals the gradient of the global-batch mean), ``evaluate(model, loaders)`` (metrics
+  from totals reduced across ranks), ``summary_metric(metrics)`` (lower is better; picks best.pt)
+  and ``format_metrics(metrics)`` (a table).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from flt_mol.models.is2re import IS2REModel, IS2REModelConfig
+from flt_mol.train import distributed
+from flt_mol.train.config import ConfigError, TrainConfig
+from flt_mol.train.metrics import average_entry, energy_totals, format_table, metrics_from_totals
+
+EMT_VAL_SPLITS = ("val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+
+
+class Task(abc.ABC):
+    """The contract between a task and :func:`flt_mol.train.loop.train` (module docstring)."""
+
+    batch_size: int  # global batch (summed over processes)
+    eval_batch_size: int
+    num_workers: int
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.total_steps = 1
+
+    def setup(self) -> None:
+        """Fit training-split statistics (normalisers, baselines). Default: nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def begin_training(self, total_steps: int) -> None:
+        """Called by the loop before the first step (loss schedules need the run length)."""
+        self.total_steps = total_steps
+
+    @abc.abstractmethod
+    def train_dataset(self) -> Dataset: ...
+
+    @abc.abstractmethod
+    def val_datasets(self) -> dict[str, Dataset]: ...
+
+    @abc.abstractmethod
+    def collate_fn(self) -> Callable: ...
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, loaders: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def summary_metric(self, metrics: Mapping[str, Any]) -> float: ...
+
+    def format_metrics(self, metrics: Mapping[str, Any]) -> str:
+        return "\n".join(f"{k}: {v}" for k, v in metrics.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Selection (the only place that knows every task)
+# --------------------------------------------------------------------------------------------
+
+TASKS = ("is2re", "lm", "vit")
+
+
+def task_config_types(task: str) -> tuple[type, type]:
+    """(data dataclass, model dataclass) of ``task``."""
+    if task == "is2re":
+        return IS2REDataConfig, IS2REModelConfig
+    if task in ("lm", "vit"):
+        from flt_mol.train import sequence_tasks
+
+        return sequence_tasks.config_types(task)
+    raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def build_task(config: TrainConfig) -> Task:
+    """The :class:`Task` for ``config.task``."""
+    if config.task == "is2re":
+        return IS2RETask(config)
+    if config.task in ("lm", "vit"):
+        from flt_mol.train.sequence_tasks import build_sequence_task
+
+        return build_sequence_task(config)
+    raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {config.task!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# IS2RE
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IS2REDataConfig:
+    """Data and targets of the IS2RE task.
+
+    Paths are an ``.lmdb`` file, a folder of shards, or ``emt:SPLIT`` for the embedded EMT-IS2RE
+    data set (built on first use). Validation split names are ``SPLIT`` for ``emt:SPLIT`` and the
+    file / folder stem otherwise.
+    """
+
+    train: str = "emt:train"
+    val: list[str] = field(default_factory=lambda: [f"emt:{s}" for s in EMT_VAL_SPLITS])
+    batch_size: int = 16  # global batch, split evenly across processes
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    max_train_items: int | None = None  # use the first N training structures (quick runs)
+    periodic_images: bool = True  # add in-plane periodic images near the adsorbate as tokens
+    image_cutoff: float = 8.0  # Angstrom, distance to the nearest adsorbate atom
+    max_images: int | None = None  # keep at most this many images per structure (nearest first)
+    element_references: bool = True  # subtract a per-element linear fit before normalising
+    normalize_energy: bool = True  # then divide (y - mean) by the train std
+    displacement_weight: tuple[float, float] = (15.0, 1.0)  # aux loss weight, start -> end (linear)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.image_cutoff <= 0:
+            raise ConfigError(f"data.image_cutoff must be > 0, got {self.image_cutoff}")
+        if self.max_train_items is not None and self.max_train_items < 1:
+            raise ConfigError(f"data.max_train_items must be >= 1 or null, got {self.max_train_items}")
+        names = [split_name(v) for v in self.val]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.val split names must be unique, got {names}")
+
+
+def split_name(spec: str) -> str:
+    """``emt:val_id`` -> ``val_id``; ``/data/is2re/val_id/data.lmdb`` -> ``val_id``."""
+    if spec.startswith("emt:"):
+        return spec[4:]
+    p = Path(spec)
+    return p.parent.name if p.stem == "data" else p.stem
+
+
+def resolve_path(spec: str) -> Path:
+    """``emt:SPLIT`` -> the embedded LMDB (built on first use); anything else -> a path."""
+    if spec.startswith("emt:"):
+        from flt_mol.data.emt import emt_is2re
+
+        return Path(emt_is2re(spec[4:]))
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"IS2RE data {spec!r} does not exist")
+    return path
+
+
+def open_split(spec: str) -> Dataset:
+    from flt_mol.data.oc20 import OC20LMDB
+
+    return OC20LMDB(resolve_path(spec))
+
+
+def displacement_weight(step: int, *, total_steps: int, start: float, end: float) -> float:
+    """Linear decay of the auxiliary loss weight from ``start`` (step 1) to ``end`` (last step)."""
+    frac = min(max((step - 1) / max(total_steps - 1, 1), 0.0), 1.0)
+    return start + (end - start) * frac
+
+
+class EnergyNormalizer(nn.Module):
+    """``y_norm = (y - ref(z) - mean) / std`` and its inverse.
+
+    ``ref(z) = sum_i coef[z_i] + intercept`` over the real atoms (a per-element linear fit on the
+    training split, fairchem's "element references"); all zero when references are disabled.
+    An element absent from the training split has coefficient 0 (its energy is left to the model).
+    """
+
+    def __init__(self, coef: torch.Tensor, intercept: float, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("coef", coef.double().clone())
+        self.intercept = float(intercept)
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def reference(self, atomic_numbers: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` long, ``[B, L]`` bool -> ``[B]`` float64 reference energies."""
+        z = atomic_numbers.long().clamp(0, self.coef.numel() - 1)
+        return (self.coef.to(atomic_numbers.device)[z] * real.double()).sum(1) + self.intercept
+
+    def normalize(self, y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return ((y.double() - ref - self.mean) / self.std).float()
+
+    def denormalize(self, y_norm: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return y_norm.double() * self.std + self.mean + ref
+
+
+def _fit_normalizer(items: list[Any], *, references: bool, normalize: bool) -> EnergyNormalizer:
+    """Fit the element references (optional) and the mean / std of what they leave."""
+    import numpy as np
+
+    from flt_mol.data.references import MAX_Z, fit_element_references, targets
+
+    y = targets(items)
+    coef = torch.zeros(MAX_Z + 1, dtype=torch.float64)
+    intercept = 0.0
+    resid = y
+    if references:
+        refs = fit_element_references(items)
+        coef = torch.as_tensor(refs.coef, dtype=torch.float64)
+        intercept = float(refs.bias)
+        resid = y - refs.predict(items)
+    mean = float(np.mean(resid)) if normalize else 0.0
+    std = float(np.std(resid)) if normalize and len(resid) > 1 else 1.0
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"the training energies have no spread to normalise by (std = {std})")
+    return EnergyNormalizer(coef, intercept, mean, std)
+
+
+class IS2RETask(Task):
+    """Initial structure -> relaxed energy, with the auxiliary displacement loss (DESIGN §3)."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        data: IS2REDataConfig = config.data
+        self.data = data
+        self.batch_size = data.batch_size
+        self.eval_batch_size = data.eval_batch_size
+        self.num_workers = data.num_workers
+        self.normalizer: EnergyNormalizer | None = None
+        self.displacement_std = 1.0
+        self.baselines: dict[str, Any] | None = None  # TrivialBaselines.to_dict(), fitted on train
+        self._baseline_cache: dict[str, dict[str, float]] = {}
+
+    # -- data ---------------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        ds = open_split(self.data.train)
+        if self.data.max_train_items is not None and self.data.max_train_items < len(ds):
+            ds = torch.utils.data.Subset(ds, range(self.data.max_train_items))
+        return ds
+
+    def val_datasets(self) -> dict[str, Dataset]:
+        return {split_name(spec): open_split(spec) for spec in self.data.val}
+
+    def collate_fn(self) -> Callable:
+        from flt_mol.data.collate import Collater, PeriodicImages
+
+        images = (
+            PeriodicImages(cutoff=self.data.image_cutoff, max_images=self.data.max_images)
+            if self.data.periodic_images
+            else None
+        )
+        return Collater(images=images)
+
+    # -- statistics of the training split -------------------------------------------------------
+    def setup(self) -> None:
+        from flt_mol.data.references import TrivialBaselines
+
+        ds = self.train_dataset()
+        items = [ds[i] for i in range(len(ds))]
+        if any(getattr(d, "y_relaxed", None) is None for d in items):
+            raise ValueError(f"training data {self.data.train!r} has structures without y_relaxed")
+        self.normalizer = _fit_normalizer(items, references=self.data.element_references,
+                                          normalize=self.data.normalize_energy)
+        sq, n = 0.0, 0
+        for d in items:
+            if getattr(d, "pos_relaxed", None) is None:
+                continue
+            free = torch.as_tensor(d.fixed) == 0
+            disp = (d.pos_relaxed - d.pos)[free]
+            sq += float((disp.double() ** 2).sum())
+            n += int(disp.numel())
+        self.displacement_std = math.sqrt(sq / n) if n > 0 and sq > 0 else 1.0
+        self.baselines = TrivialBaselines.fit(items).to_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.normalizer is None:
+            raise RuntimeError("IS2RETask.setup() (or load_state_dict) must run before state_dict()")
+        n = self.normalizer
+        return {
+            "coef": n.coef.clone(), "intercept": n.intercept, "mean": n.mean, "std": n.std,
+            "displacement_std": self.displacement_std, "baselines": self.baselines,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.normalizer = EnergyNormalizer(state["coef"], state["intercept"], state["mean"], state["std"])
+        self.displacement_std = float(state["displacement_std"])
+        self.baselines = state["baselines"]
+
+    # -- model and loss ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return IS2REModel(self.config.model)
+
+    def _reference(self, batch: Any) -> torch.Tensor:
+        return self.normalizer.reference(batch.atomic_numbers, batch.real_mask)
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """``|E_pred - E_norm|`` (L1, mean over structures) ``+ w(step) * |d_pred - d/sigma_d|^2``
+        (mean over free real atoms and xyz); both means are over the global batch."""
+        if batch.y_relaxed is None:
+            raise ValueError("training batch has no y_relaxed targets")
+        out = model(batch)
+        target = self.normalizer.normalize(batch.y_relaxed, self._reference(batch)).to(out["energy"].dtype)
+        err = (out["energy"].float() - target).abs()
+        loss_e = err.sum() * distributed.global_mean_scale(err.numel()).to(err.device)
+        logs = {"energy_l1": float(loss_e.detach())}
+        loss = loss_e
+        if out.get("displacement") is not None and batch.displacement is not None:
+            free = batch.real_mask & (batch.fixed == 0)
+            d_t = batch.displacement / self.displacement_std
+            sq = ((out["displacement"].float() - d_t) ** 2).sum(-1) * free.float()
+            count = free.sum() * 3
+            loss_d = sq.sum() * distributed.global_mean_scale(count.cpu()).to(sq.device)
+            w = displacement_weight(step, total_steps=self.total_steps, start=self.data.displacement_weight[0],
+                                    end=self.data.displacement_weight[1])
+            loss = loss + w * loss_d
+            logs["displacement_mse"] = float(loss_d.detach())
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model: nn.Module, loader: Any) -> tuple[list[Any], torch.Tensor, torch.Tensor | None]:
+        """This rank's ``(ids, predicted energies [N] eV, targets [N] or None)`` over ``loader``."""
+        was_training = model.training
+        model.eval()
+        ids: list[Any] = []
+        preds, targets = [], []
+        has_targets = True
+        device = next(model.parameters()).device
+        for batch in loader:
+            batch = batch.to(device)
+            out = model(batch)
+            preds.append(self.normalizer.denormalize(out["energy"].float(), self._reference(batch)).cpu())
+            if batch.y_relaxed is None:
+                has_targets = False
+            else:
+                targets.append(batch.y_relaxed.double().cpu())
+            sid = batch.sid
+            ids.extend(sid.tolist() if torch.is_tensor(sid) else list(sid))
+        model.train(was_training)
+        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.float64)
+        target = torch.cat(targets) if has_targets and targets else None
+        if not has_targets:
+            target = None
+        return ids, pred, target
+
+    def split_baselines(self, name: str, dataset: Dataset) -> dict[str, float]:
+        """Trivial-baseline MAEs on a split (fitted on train at setup), cached per split name."""
+        if name not in self._baseline_cache:
+            from flt_mol.data.references import TrivialBaselines
+
+            items = [dataset[i] for i in range(len(dataset))]
+            if any(getattr(d, "y_relaxed", None) is None for d in items):
+                self._baseline_cache[name] = {}
+            else:
+                fitted = TrivialBaselines.from_dict(self.baselines)
+                self._baseline_cache[name] = {k: float(v) for k, v in fitted.evaluate(items).items()}
+        return self._baseline_cache[name]
+
+    def evaluate(self, model: nn.Module, loaders: Mapping[str, Any], *,
+                 predictions: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+        """``{split: {energy_mae, energy_mse, energy_within_threshold, n, baselines}, "average": ...}``.
+
+        Totals are summed over ranks before the ratios are formed. ``predictions``, when given,
+        receives this rank's ``(targets, predictions)`` per split (numpy) for parity plots.
+
+        Raises:
+            ValueError: a split has no ``y_relaxed`` targets (use ``flt-mol predict`` for those).
+        """
+        metrics: dict[str, Any] = {}
+        for name, loader in loaders.items():
+            _, pred, target = self.predict(model, loader)
+            missing = torch.tensor([1.0 if target is None and len(pred) > 0 else 0.0])
+            if float(distributed.all_reduce_sum(missing)) > 0:
+                raise ValueError(
+                    f"split {name!r} has no energy targets (y_relaxed): it cannot be evaluated; "
+                    "use `flt-mol predict CHECKPOINT --data PATH --out FILE.npz` for predictions"
+                )
+            if target is None:
+                target = torch.zeros(0, dtype=torch.float64)
+            totals = distributed.all_reduce_sum(energy_totals(pred.double(), target))
+            entry: dict[str, Any] = metrics_from_totals(totals)
+            entry["baselines"] = self.split_baselines(name, loader.dataset)
+            metrics[name] = entry
+            if predictions is not None:
+                predictions[name] = (target.numpy(), pred.numpy())
+        if len(metrics) > 1:
+            metrics["average"] = average_entry(metrics)
+        return metrics
+
+    def summary_metric(self, metrics: Mapping[str, Any]) -> float:
+        key = "average" if "average" in metrics else next(iter(metrics))
+        return float(metrics[key]["energy_mae"])
+
+    def format_metrics(self, metrics: Mapping[str, Any]) -> str:
+        return format_table(metrics)

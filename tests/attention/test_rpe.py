@@ -1,0 +1,233 @@
+"""RPE families: unbiasedness, the 1/sqrt(r) rate, c bounds, gradients, invariances, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from flt_mol.attention import GaussianBasisRPE, GaussianMixtureRPE, KernelRPE, LocalRPE
+from flt_mol.attention.rpe import irwin_hall_pdf, rpe_features
+from flt_mol.testing import assert_unbiased
+
+
+def _cont_pos(dim, L=5, scale=1.0):
+    return scale * torch.randn(1, L, dim)
+
+
+def _lattice_pos(dim, L=6):
+    return torch.randint(-4, 5, (1, L, dim)).float()
+
+
+# (id, factory -> (rpe, pos), split)
+CASES = [
+    ("gb_gaussian_balanced", lambda: (GaussianBasisRPE(2, 3, 3, sampler="gaussian", init_scale_range=(0.5, 1.0)), _cont_pos(3)), "balanced"),
+    ("gb_gaussian_onesided", lambda: (GaussianBasisRPE(2, 3, 3, sampler="gaussian", init_scale_range=(0.5, 1.0)), _cont_pos(3)), "one_sided"),
+    ("gb_standard", lambda: (GaussianBasisRPE(2, 2, 3, sampler="standard", init_scale_range=(0.2, 0.3)), _cont_pos(3, scale=0.3)), "auto"),
+    ("gb_mixture", lambda: (GaussianBasisRPE(2, 4, 3, sampler="mixture"), _cont_pos(3)), "auto"),
+    ("gb_signed", lambda: (GaussianBasisRPE(2, 3, 2, nonnegative=False, sampler="mixture"), _cont_pos(2)), "auto"),
+    ("gm_mixture_signed", lambda: (GaussianMixtureRPE(2, 3, 1, init_std=0.1), _cont_pos(1, scale=3.0)), "auto"),
+    ("gm_standard", lambda: (GaussianMixtureRPE(2, 2, 2, sampler="standard", init_std=0.5), _cont_pos(2)), "auto"),
+    ("gm_nonneg_balanced", lambda: (GaussianMixtureRPE(2, 3, 2, nonnegative=True, init_std=0.2), _cont_pos(2)), "balanced"),
+    ("gm_nonneg_onesided", lambda: (GaussianMixtureRPE(2, 3, 2, nonnegative=True, init_std=0.2), _cont_pos(2)), "one_sided"),
+    ("local_lattice_1d", lambda: (LocalRPE(2, 3, 1, lattice=True, init_half_width_range=(0.5, 3.0)), _lattice_pos(1)), "auto"),
+    ("local_lattice_2d", lambda: (LocalRPE(2, 2, 2, lattice=True, init_half_width_range=(1.3, 2.0)), _lattice_pos(2)), "auto"),
+    ("local_cont_k2", lambda: (LocalRPE(2, 2, 1, lattice=False, order=2, init_half_width_range=(0.7, 1.5)), _cont_pos(1)), "auto"),
+    ("local_cont_k3_2d", lambda: (LocalRPE(2, 2, 2, lattice=False, order=3, init_half_width_range=(0.7, 1.5)), _cont_pos(2)), "auto"),
+    ("kernel_gaussian_balanced", lambda: (KernelRPE(2, "gaussian", 3), _cont_pos(3)), "balanced"),
+    ("kernel_gaussian_onesided", lambda: (KernelRPE(2, "gaussian", 3), _cont_pos(3)), "one_sided"),
+    ("kernel_laplace", lambda: (KernelRPE(2, "laplace", 2, init_length_scale=0.7), _cont_pos(2)), "auto"),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_features_unbiased(case):
+    _, factory, split = case
+    rpe, pos = factory()
+    exact = rpe.exact_mask(pos).detach()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        samples = torch.stack([rpe.estimate_mask(pos, 4, g, split=split) for _ in range(400)])
+    assert samples.shape == (400, 1, rpe.num_heads, pos.shape[1], pos.shape[1])
+    assert_unbiased(samples, exact, msg=case[0])
+
+
+def test_unbiasedness_check_detects_a_wrong_split():
+    """Using a (not sqrt(a)) on both sides is biased: the same check must fail."""
+    rpe = GaussianBasisRPE(2, 3, 3, sampler="mixture", init_peak=3.0)
+    pos = _cont_pos(3)
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    with torch.no_grad():
+        for _ in range(400):
+            xi, a = rpe.sample(rpe.draw_noise(4, g))
+            n1, n2 = rpe_features(pos, xi, a**2, balanced=True)
+            samples.append(n1 @ n2.transpose(-1, -2))
+    with pytest.raises(AssertionError, match="biased"):
+        assert_unbiased(torch.stack(samples), rpe.exact_mask(pos).detach())
+
+
+@pytest.mark.parametrize("case", CASES[::2] + [CASES[-1]], ids=IDS[::2] + [IDS[-1]])
+def test_error_decays_like_inverse_sqrt_r(case):
+    _, factory, split = case
+    rpe, pos = factory()
+    exact = rpe.exact_mask(pos).detach()
+    g = torch.Generator().manual_seed(2)
+    rs = [4, 16, 64, 256]
+    rmse = []
+    with torch.no_grad():
+        for r in rs:
+            err = torch.stack([rpe.estimate_mask(pos, r, g, split=split) - exact for _ in range(40)])
+            rmse.append(float(err.pow(2).mean().sqrt()))
+    slope = np.polyfit(np.log(rs), np.log(rmse), 1)[0]
+    assert abs(slope + 0.5) < 0.12, (case[0], slope, rmse)
+
+
+def test_c_bound_holds_and_is_finite_or_infinite_as_theory_says():
+    families = [
+        GaussianBasisRPE(3, 4, 3, sampler="gaussian"),
+        GaussianBasisRPE(3, 4, 3, sampler="mixture"),
+        GaussianMixtureRPE(3, 3, 2),
+        GaussianMixtureRPE(3, 3, 2, sampler="standard", init_std=0.4),
+        LocalRPE(3, 2, 1, lattice=True),
+        LocalRPE(3, 2, 2, lattice=False, order=2),
+        KernelRPE(3, "laplace", 3, init_scale=0.7),
+    ]
+    g = torch.Generator().manual_seed(3)
+    for rpe in families:
+        c = rpe.c_bound()
+        assert math.isfinite(c), rpe
+        with torch.no_grad():
+            _, a = rpe.sample(rpe.draw_noise(20000, g))
+        assert float(a.abs().max()) <= c * (1 + 1e-4), (rpe, float(a.abs().max()), c)
+    assert KernelRPE(2, "gaussian", 1, init_scale=0.7).c_bound() == pytest.approx(0.7)
+    # N(0, I) cannot bound g/p once a spectral component is wider than p.
+    assert GaussianBasisRPE(2, 2, 3, sampler="standard", init_scale_range=(0.05, 0.1)).c_bound() == math.inf
+    assert GaussianMixtureRPE(2, 2, 1, sampler="standard", init_std=1.5).c_bound() == math.inf
+
+
+def test_learnable_sigma_respects_the_lower_bound():
+    rpe = GaussianBasisRPE(2, 3, 3, sampler="gaussian", init_scale_range=(0.3, 2.0))
+    with torch.no_grad():
+        rpe.sigma_raw.fill_(-30.0)
+    s_min = rpe.scales.min(dim=-1).values
+    assert torch.all(rpe.sigma >= 1.0 / (2 * math.pi * s_min) - 1e-7)
+    assert math.isfinite(rpe.c_bound())
+
+
+GRAD_CASES = [
+    (GaussianBasisRPE(2, 3, 3, sampler="gaussian"), 3, False),
+    (GaussianBasisRPE(2, 3, 3), 3, False),
+    (GaussianBasisRPE(2, 3, 3, sampler="mixture", nonnegative=False), 3, False),
+    (GaussianMixtureRPE(2, 3, 2), 2, False),
+    (LocalRPE(2, 3, 1, lattice=True, init_half_width_range=(1.5, 3.5)), 1, True),
+    (LocalRPE(2, 2, 2, lattice=False, order=2), 2, False),
+    (KernelRPE(2, "gaussian", 3), 3, False),
+    (KernelRPE(2, "laplace", 1), 1, False),
+]
+
+
+@pytest.mark.parametrize("rpe,dim,lattice", GRAD_CASES, ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else None)
+def test_gradients_reach_every_parameter(rpe, dim, lattice):
+    pos = _lattice_pos(dim, 7) if lattice else _cont_pos(dim, 7)
+    noise = rpe.draw_noise(8)
+    n1, n2 = rpe.features(pos, 8, noise=noise)
+    w = torch.randn(1, 2, 7, 7)
+    (w * (n1 @ n2.transpose(-1, -2))).sum().backward()
+    for name, p in rpe.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert float(p.grad.abs().sum()) > 0, name
+    # The exact mask is differentiable too (the reference path of exact mode).
+    rpe.zero_grad()
+    (w * rpe.exact_mask(pos)).sum().backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in rpe.parameters() if p.grad is not None)
+
+
+def test_learnable_sigma_gets_gradient():
+    rpe = GaussianBasisRPE(2, 3, 3, sampler="gaussian")
+    pos = _cont_pos(3, 7)
+    n1, n2 = rpe.features(pos, 8, noise=rpe.draw_noise(8))
+    ((n1 @ n2.transpose(-1, -2)) ** 2).sum().backward()
+    assert float(rpe.sigma_raw.grad.abs().sum()) > 0
+
+
+def test_gaussian_basis_mask_rotation_translation_invariant():
+    rpe = GaussianBasisRPE(3, 4, 3, sampler="gaussian")
+    pos = torch.randn(2, 9, 3) * 3
+    R = o3.rand_matrix()
+    t = torch.randn(1, 1, 3) * 5
+    exact = rpe.exact_mask(pos)
+    torch.testing.assert_close(rpe.exact_mask(pos @ R.T), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rpe.exact_mask(pos + t), exact, rtol=1e-5, atol=1e-6)
+    delta = torch.randn(50, 3)
+    torch.testing.assert_close(rpe.mask(delta @ R.T), rpe.mask(delta), rtol=1e-5, atol=1e-6)
+    # The estimate with fixed noise: exactly translation invariant; rotating positions equals
+    # rotating the frequencies the other way (so it is rotation invariant in distribution).
+    noise = rpe.draw_noise(16)
+    est = rpe.estimate_mask(pos, 16, noise=noise)
+    torch.testing.assert_close(rpe.estimate_mask(pos + t, 16, noise=noise), est, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rpe.estimate_mask(pos @ R.T, 16, noise=noise @ R.T), est, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_matches_closed_forms():
+    # Gaussian basis: f(0) = sum_t A_t; Kernel: f = C exp(-|x|/ell).
+    gb = GaussianBasisRPE(2, 3, 3)
+    torch.testing.assert_close(gb.mask(torch.zeros(3)), gb.amplitudes.sum(-1))
+    k = KernelRPE(2, "laplace", 2, init_length_scale=2.0, init_scale=0.5)
+    x = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(k.mask(x), torch.full((2,), 0.5 * math.exp(-2.5)))
+    # Lattice box: 1 inside |n| <= v (integer v), 0 outside; continuous k=2: triangle of half-width 2v.
+    loc = LocalRPE(1, 1, 1, lattice=True, init_half_width_range=(2.0, 2.0))
+    with torch.no_grad():
+        loc.amplitudes.fill_(1.0)
+        loc.half_width_raw.fill_(2.0 - 1e-3 + math.log(-math.expm1(-(2.0 - 1e-3))))
+    vals = loc.mask(torch.arange(-4.0, 5.0)[:, None])[:, 0]
+    torch.testing.assert_close(vals, torch.tensor([0, 0, 1, 1, 1, 1, 1, 0, 0.0]), atol=1e-4, rtol=0)
+    cont = LocalRPE(1, 1, 1, lattice=False, order=2, init_half_width_range=(1.0, 1.0))
+    with torch.no_grad():
+        cont.amplitudes.fill_(1.0)
+    v = float(cont.half_widths.detach()[0, 0, 0])
+    x = torch.tensor([[0.0], [v], [2 * v], [3 * v]])
+    torch.testing.assert_close(cont.mask(x)[:, 0], torch.tensor([1.0, 0.5, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # Irwin-Hall integrates to one.
+    y = torch.linspace(-1, 5, 60001, dtype=torch.float64)
+    assert abs(float(torch.trapezoid(irwin_hall_pdf(y, 4), y)) - 1.0) < 1e-6
+
+
+def test_bad_inputs_raise_clear_errors():
+    gb = GaussianBasisRPE(2, 3, 3)
+    with pytest.raises(ValueError, match="pos must be"):
+        gb.features(torch.randn(1, 4, 2), 4)
+    with pytest.raises(ValueError, match="pos must be"):
+        gb.features(torch.randn(4, 3), 4)
+    with pytest.raises(ValueError, match="delta"):
+        gb.mask(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="num_features"):
+        gb.features(torch.randn(1, 4, 3), 0)
+    with pytest.raises(ValueError, match="noise must be"):
+        gb.features(torch.randn(1, 4, 3), 4, noise=torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="split"):
+        gb.features(torch.randn(1, 4, 3), 4, split="both")
+    with pytest.raises(ValueError, match="nonnegative"):
+        GaussianMixtureRPE(2, 2, 1).features(torch.randn(1, 4, 1), 4, split="balanced")
+    with pytest.raises(ValueError, match="integer positions"):
+        LocalRPE(2, 2, 1, lattice=True).features(torch.rand(1, 4, 1), 4)
+    with pytest.raises(ValueError, match="order"):
+        LocalRPE(2, 2, 1, lattice=False, order=1)
+    with pytest.raises(ValueError, match="sampler"):
+        GaussianBasisRPE(2, 3, 3, sampler="uniform")
+    with pytest.raises(ValueError, match="num_kernels"):
+        GaussianBasisRPE(2, 0, 3)
+    with pytest.raises(ValueError, match="num_heads"):
+        KernelRPE(0, "gaussian", 1)
+    with pytest.raises(ValueError, match="kernel"):
+        KernelRPE(2, "matern7", 1)
+    with pytest.raises(ValueError, match="init_scale_range"):
+        GaussianBasisRPE(2, 3, 3, init_scale_range=(2.0, 1.0))
+
+
+def test_initial_mask_is_order_one():
+    for rpe, dim in [(GaussianBasisRPE(8, 32, 3), 3), (GaussianMixtureRPE(8, 8, 1), 1), (LocalRPE(8, 4, 1), 1), (KernelRPE(8, "gaussian", 3), 3)]:
+        assert float(rpe.mask(torch.zeros(dim)).detach().abs().max()) <= 3.0

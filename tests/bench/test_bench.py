@@ -1,0 +1,130 @@
+"""Tiny runs of the benchmarks: JSON schema, null rows with a reason, CLI wiring (no timing checks)."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from flt_mol.bench import attention as bench_attention
+from flt_mol.bench import commands
+from flt_mol.bench import rpe as bench_rpe
+from flt_mol.cli import main
+
+KEYS = {"method", "length", "batch", "forward_s", "peak_mem_mb"}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _attention_args(tmp_path, **over):
+    parser = argparse.ArgumentParser()
+    bench_attention.add_arguments(parser)
+    argv = [
+        "--lengths", "16", "--batch", "1", "--methods", "flt", "exact", "--repeats", "1",
+        "--embed-dim", "8", "--heads", "2", "--ffn-dim", "16", "--num-kernel-features", "4",
+        "--num-rpe-features", "2", "--num-kernels", "2", "--out", str(tmp_path / "a.json"),
+    ]
+    args = parser.parse_args(argv)
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_attention_rows_schema_and_budget_skip(tmp_path):
+    # A budget below the exact method's estimate at L=16: its row is skipped with a reason.
+    budget = bench_attention.estimate_exact_bytes(1, 2, 12) / 2**30
+    args = _attention_args(tmp_path, lengths=[16], mem_budget_gb=budget)
+    rows = bench_attention.run_rows(args, log=lambda *_: None)
+    assert [(r["method"], r["length"]) for r in rows] == [("flt", 16), ("exact", 16)]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["batch"] == 1
+    ran, skipped = rows
+    assert ran["forward_s"] > 0 and ran["peak_mem_mb"] >= 0 and "reason" not in ran
+    assert skipped["forward_s"] is None and skipped["peak_mem_mb"] is None
+    assert "mem-budget-gb" in skipped["reason"]
+    table = bench_attention.ratio_table(rows + [dict(ran, method="performer")])
+    assert len(table) == 2 and "exact/flt" in table[0] and "1.00" in table[1]
+
+
+def test_unavailable_method_gets_a_null_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_attention, "_check_methods_importable", lambda methods: {"cosformer": "not built"})
+    args = _attention_args(tmp_path, methods=["cosformer"])
+    rows = bench_attention.run_rows(args, log=lambda *_: None)
+    assert rows == [{"method": "cosformer", "length": 16, "batch": 1, "forward_s": None, "peak_mem_mb": None, "reason": "not built"}]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--batch"):
+        bench_attention.run_rows(_attention_args(tmp_path, batch=0), log=lambda *_: None)
+    with pytest.raises(ValueError, match="divisible"):
+        bench_attention.run_rows(_attention_args(tmp_path, heads=3), log=lambda *_: None)
+
+
+def test_cli_attention_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main([
+        "bench", "attention", "--lengths", "8", "--batch", "1", "--methods", "performer", "--repeats", "1",
+        "--embed-dim", "8", "--heads", "2", "--ffn-dim", "8", "--num-kernel-features", "4",
+        "--num-kernels", "1", "--out", str(out), "--plot", str(png),
+    ])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and KEYS <= set(rows[0]) and rows[0]["forward_s"] > 0
+    assert png.stat().st_size > 0
+    assert "flt/perf" in capsys.readouterr().out
+
+
+def test_rpe_bench_rows_and_plot(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench_rpe.add_arguments(parser)
+    args = parser.parse_args([
+        "--lengths", "8", "20", "--features", "2", "8", "--draws", "1", "--block", "7",
+        "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+    ])
+    assert bench_rpe.run(args) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert {r["family"] for r in rows} == set(bench_rpe.FAMILIES)
+    assert len(rows) == len(bench_rpe.FAMILIES) * 2 * 2
+    for r in rows:
+        assert {"family", "length", "features", "max_error", "c", "bound", "mean_a2"} <= set(r)
+        assert r["max_error"] >= 0 and math.isfinite(r["c"]) and r["bound"] > 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_rpe_max_error_blocks_match_dense():
+    from flt_mol.attention import GaussianBasisRPE
+
+    rpe = GaussianBasisRPE(2, 2, 3)
+    pos = torch.randn(1, 13, 3)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    blocked = bench_rpe.max_error(rpe, pos, 4, g1, block=5)
+    with torch.no_grad():
+        dense = float((rpe.estimate_mask(pos, 4, g2) - rpe.exact_mask(pos)).abs().max())
+    assert blocked == pytest.approx(dense, rel=1e-5)
+    assert bench_rpe.theorem_bound(math.inf, 10, 1, 4, 0.05) == math.inf
+
+
+def _subcommands(parser):
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = sub.choices["bench"]
+    return set(next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def test_data_subcommand_only_when_module_exists(monkeypatch):
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers())
+    assert {"attention", "rpe"} <= _subcommands(parser)
+    monkeypatch.setattr(commands.importlib.util, "find_spec", lambda name: None)
+    parser = argparse.ArgumentParser()
+    commands.add_parser(parser.add_subparsers())
+    assert _subcommands(parser) == {"attention", "rpe"}
+
+
+def test_bench_without_subcommand_prints_help(capsys):
+    assert main(["bench"]) == 2
+    assert "attention" in capsys.readouterr().out

@@ -1,0 +1,351 @@
+"""OC20 LMDB reader/writer: round trips, shards, PyG 1.x pickles, validation, workers."""
+
+from __future__ import annotations
+
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from ase.build import add_adsorbate, fcc100, fcc111
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+from torch_geometric.data import Data
+
+from flt_mol.data.oc20 import OC20FormatError, OC20LMDB, atoms_to_data, write_lmdb
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def make_atoms(i: int):
+    """A small slab + adsorbate with tags, fixed bottom layer and a distinct geometry per i."""
+    rng = np.random.default_rng(i)
+    build = fcc111 if i % 2 == 0 else fcc100
+    slab = build(["Cu", "Pt", "Ag"][i % 3], size=(2, 2, 2 + i % 2), vacuum=6.0)
+    add_adsorbate(slab, ["O", "C", "N"][i % 3], 1.6, position=(0.3 * i, 0.2))
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == slab.get_tags().max()))
+    slab.positions += rng.normal(scale=0.05, size=slab.positions.shape)
+    return slab
+
+
+def make_data(i: int, *, targets: bool = True, sid: bool = True) -> Data:
+    atoms = make_atoms(i)
+    if not targets:
+        return atoms_to_data(atoms, sid=100 + i if sid else None)
+    relaxed = atoms.copy()
+    relaxed.positions += np.random.default_rng(50 + i).normal(scale=0.1, size=relaxed.positions.shape)
+    return atoms_to_data(
+        atoms, relaxed=relaxed, y_relaxed=-0.5 * i, y_init=1.0 + i, sid=100 + i if sid else None
+    )
+
+
+def write_raw(path, values: list[bytes], *, length: int | None) -> None:
+    """An LMDB written by hand: values under b"0".., and optionally a pickled length."""
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 24, lock=False)
+    with env.begin(write=True) as txn:
+        for j, value in enumerate(values):
+            txn.put(f"{j}".encode("ascii"), value)
+        if length is not None:
+            txn.put(b"length", pickle.dumps(length))
+    env.close()
+
+
+def test_round_trip_every_field_and_dtype(tmp_path):
+    items = [make_data(i) for i in range(4)]
+    path = tmp_path / "data.lmdb"
+    assert write_lmdb(items, path) == 4
+    ds = OC20LMDB(path)
+    assert len(ds) == 4
+    for i, ref in enumerate(items):
+        got = ds[i]
+        atoms = make_atoms(i)
+        n = len(atoms)
+        assert got.pos.dtype == torch.float32 and got.pos.shape == (n, 3)
+        assert got.cell.dtype == torch.float32 and got.cell.shape == (1, 3, 3)
+        assert got.atomic_numbers.dtype == torch.float32
+        assert got.tags.dtype == torch.int64 and got.fixed.dtype == torch.float32
+        assert got.pos_relaxed.dtype == torch.float32 and got.pos_relaxed.shape == (n, 3)
+        assert isinstance(got.natoms, int) and got.natoms == n
+        assert isinstance(got.sid, int) and got.sid == 100 + i
+        assert isinstance(got.y_relaxed, float) and got.y_relaxed == -0.5 * i
+        assert isinstance(got.y_init, float) and got.y_init == 1.0 + i
+        assert sorted(got.keys()) == sorted(ref.keys())
+        for key in ("pos", "cell", "atomic_numbers", "tags", "fixed", "pos_relaxed"):
+            assert torch.equal(got[key], ref[key]), key
+        # Against ASE directly (float32 rounding of the float64 positions only).
+        np.testing.assert_allclose(got.pos.numpy(), atoms.positions, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got.atomic_numbers.numpy(), atoms.numbers)
+        np.testing.assert_array_equal(got.tags.numpy(), atoms.get_tags())
+        fixed_idx = atoms.constraints[0].index
+        assert got.fixed[fixed_idx].eq(1).all() and got.fixed.sum() == len(fixed_idx)
+
+
+def test_written_file_is_plain_oc20_layout(tmp_path):
+    """fairchem's LmdbDataset: keys b"0".., pickled "length", values via pickle.loads."""
+    path = tmp_path / "data.lmdb"
+    write_lmdb([make_data(i) for i in range(3)], path)
+    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert pickle.loads(txn.get(b"length")) == 3
+        keys = sorted(k for k, _ in txn.cursor())
+        assert keys == [b"0", b"1", b"2", b"length"]
+        data = pickle.loads(txn.get(b"2"))
+    env.close()
+    assert isinstance(data, Data) and torch.equal(data.pos, make_data(2).pos)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary file left"
+
+
+def test_shards_with_and_without_length(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_lmdb([make_data(i) for i in range(3)], folder / "a.lmdb")
+    write_raw(folder / "b.lmdb", [pickle.dumps(make_data(i)) for i in range(3, 5)], length=None)
+    write_raw(folder / "c.lmdb", [pickle.dumps(make_data(5))], length=1)
+    (folder / "notes.txt").write_text("not a shard")
+    ds = OC20LMDB(folder)
+    assert ds.lengths == [3, 2, 1] and len(ds) == 6
+    for i in range(6):
+        assert ds[i].sid == 100 + i
+    assert ds[-1].sid == 105 and ds[-6].sid == 100
+    with pytest.raises(IndexError):
+        ds[6]
+    with pytest.raises(IndexError):
+        ds[-7]
+
+
+def test_shard_without_length_ignores_other_keys_and_checks_contiguity(tmp_path):
+    path = tmp_path / "meta.lmdb"
+    write_raw(path, [pickle.dumps(make_data(i)) for i in range(3)], length=None)
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 24, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"metadata", pickle.dumps({"source": "test"}))
+    env.close()
+    assert len(OC20LMDB(path)) == 3
+    gap = tmp_path / "gap.lmdb"
+    write_raw(gap, [pickle.dumps(make_data(0))], length=None)
+    env = lmdb.open(str(gap), subdir=False, map_size=1 << 24, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"5", pickle.dumps(make_data(1)))
+    env.close()
+    with pytest.raises(OC20FormatError, match="gap.lmdb.*not contiguous"):
+        OC20LMDB(gap)
+
+
+def test_missing_key_names_file_and_key(tmp_path):
+    path = tmp_path / "short.lmdb"
+    write_raw(path, [pickle.dumps(make_data(0))], length=2)
+    ds = OC20LMDB(path)
+    with pytest.raises(KeyError, match=r"short\.lmdb.*b'1'"):
+        ds[1]
+
+
+def pyg1_pickle(data: Data) -> bytes:
+    """Bytes laid out like a PyG 1.x Data pickle: the class torch_geometric.data.data.Data
+    created by NEWOBJ and its fields (plus PyG 1.x's ``__num_nodes__`` slot) as the plain
+    ``__dict__`` state, without ``_store``. Protocol 2, as older files used."""
+    old = Data.__new__(Data)
+    old.__dict__.update({k: data[k] for k in data.keys()})
+    old.__dict__["__num_nodes__"] = None
+    return pickle.dumps(old, protocol=2)
+
+
+def test_pyg1_pickles_are_rebuilt(tmp_path):
+    ref = make_data(1)
+    raw = pyg1_pickle(ref)
+    old = pickle.loads(raw)
+    assert isinstance(old, Data) and "_store" not in old.__dict__  # what a plain load gives
+    path = tmp_path / "old.lmdb"
+    write_raw(path, [raw], length=1)
+    got = OC20LMDB(path)[0]
+    assert "_store" in got.__dict__
+    assert sorted(got.keys()) == sorted(ref.keys())
+    for key in ref.keys():
+        value = got[key]
+        assert torch.equal(value, ref[key]) if torch.is_tensor(value) else value == ref[key]
+
+
+def test_test_split_without_targets_or_sid(tmp_path):
+    path = tmp_path / "test.lmdb"
+    write_lmdb([make_data(0, targets=False, sid=False), make_data(1, targets=False)], path)
+    ds = OC20LMDB(path)
+    first, second = ds[0], ds[1]
+    for key in ("y_relaxed", "y_init", "pos_relaxed", "sid"):
+        assert key not in first.keys()
+    assert second.sid == 101 and "y_relaxed" not in second.keys()
+
+
+def _mutate(field: str, value):
+    def apply(data: Data) -> Data:
+        if value is None:
+            del data[field]
+        else:
+            data[field] = value(data) if callable(value) else value
+        return data
+
+    return apply
+
+
+INVALID = {
+    "missing pos": ("pos", _mutate("pos", None)),
+    "missing tags": ("tags", _mutate("tags", None)),
+    "pos not [N,3]": ("pos", _mutate("pos", lambda d: d.pos[:, :2])),
+    "cell wrong size": ("cell", _mutate("cell", torch.zeros(1, 3, 2))),
+    "tags wrong length": ("tags", _mutate("tags", lambda d: d.tags[:-1])),
+    "fixed wrong length": ("fixed", _mutate("fixed", lambda d: d.fixed[:-1])),
+    "nan position": ("pos", _mutate("pos", lambda d: d.pos.index_fill(0, torch.tensor([1]), float("nan")))),
+    "inf cell": ("cell", _mutate("cell", lambda d: d.cell.index_fill(1, torch.tensor([0]), float("inf")))),
+    "atomic number 0": ("atomic_numbers", _mutate("atomic_numbers", lambda d: d.atomic_numbers * 0)),
+    "atomic number 119": (
+        "atomic_numbers",
+        _mutate("atomic_numbers", lambda d: d.atomic_numbers.index_fill(0, torch.tensor([0]), 119.0)),
+    ),
+    "atomic number 1.5": (
+        "atomic_numbers",
+        _mutate("atomic_numbers", lambda d: d.atomic_numbers.index_fill(0, torch.tensor([0]), 1.5)),
+    ),
+    "empty structure": ("0 atoms", _mutate("pos", torch.zeros(0, 3))),
+    "natoms mismatch": ("natoms", _mutate("natoms", 3)),
+    "pos_relaxed shape": ("pos_relaxed", _mutate("pos_relaxed", lambda d: d.pos_relaxed[:-1])),
+    "nan target": ("y_relaxed", _mutate("y_relaxed", float("nan"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_fields_name_file_key_and_field(tmp_path, case):
+    field, mutate = INVALID[case]
+    path = tmp_path / "bad.lmdb"
+    write_raw(path, [pickle.dumps(make_data(0)), pickle.dumps(mutate(make_data(1)))], length=2)
+    ds = OC20LMDB(path)
+    assert ds[0].sid == 100
+    with pytest.raises(OC20FormatError) as info:
+        ds[1]
+    message = str(info.value)
+    assert "bad.lmdb" in message and "b'1'" in message and field in message
+    # The writer refuses the same item, naming its index.
+    with pytest.raises(OC20FormatError, match="item 0"):
+        write_lmdb([mutate(make_data(1))], tmp_path / "out.lmdb")
+    assert not (tmp_path / "out.lmdb").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "garbage"])
+def test_truncated_and_corrupt_entries(tmp_path, damage):
+    raw = pickle.dumps(make_data(0), protocol=4)
+    if damage == "truncated":
+        bad = raw[: len(raw) // 2]
+    elif damage == "corrupt":
+        # Damage the bytes of a stored tensor storage header (its element count).
+        start = raw.index(b"FloatStorage")
+        bad = raw[:start] + bytes(b ^ 0xFF for b in raw[start : start + 400]) + raw[start + 400 :]
+    else:
+        bad = bytes(np.random.default_rng(0).integers(0, 256, size=200, dtype=np.uint8))
+    path = tmp_path / "damaged.lmdb"
+    write_raw(path, [raw, bad], length=2)
+    ds = OC20LMDB(path)
+    ds[0]
+    with pytest.raises((OC20FormatError, pickle.UnpicklingError)) as info:
+        ds[1]
+    assert "damaged.lmdb" in str(info.value) and "b'1'" in str(info.value)
+
+
+def test_validate_false_skips_value_checks(tmp_path):
+    data = make_data(0)
+    data.atomic_numbers = data.atomic_numbers * 0 + 200
+    path = tmp_path / "x.lmdb"
+    write_raw(path, [pickle.dumps(data)], length=1)
+    assert OC20LMDB(path, validate=False)[0].atomic_numbers[0] == 200
+    with pytest.raises(OC20FormatError):
+        OC20LMDB(path)[0]
+
+
+def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
+    path = tmp_path / "out.lmdb"
+
+    def failing():
+        yield make_data(0)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_lmdb(failing(), path)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file
+
+    write_lmdb([make_data(0)], path)
+    with pytest.raises(FileExistsError):
+        write_lmdb([make_data(1)], path)
+    assert OC20LMDB(path)[0].sid == 100
+    write_lmdb([make_data(1), make_data(2)], path, overwrite=True)
+    assert len(OC20LMDB(path)) == 2 and OC20LMDB(path)[0].sid == 101
+    with pytest.raises(TypeError, match="item 0"):
+        write_lmdb([make_atoms(0)], tmp_path / "atoms.lmdb")
+
+
+def test_writer_grows_map_size(tmp_path):
+    path = tmp_path / "grow.lmdb"
+    items = [make_data(i % 4) for i in range(40)]
+    assert write_lmdb(items, path, map_size=64 * 1024) == 40
+    assert [OC20LMDB(path)[i].sid for i in range(40)] == [100 + i % 4 for i in range(40)]
+
+
+def test_atoms_to_data_energies_from_calculators():
+    atoms = make_atoms(2)
+    relaxed = atoms.copy()
+    atoms.calc = SinglePointCalculator(atoms, energy=3.5)
+    relaxed.calc = SinglePointCalculator(relaxed, energy=-1.25)
+    data = atoms_to_data(atoms, relaxed=relaxed)
+    assert data.y_init == 3.5 and data.y_relaxed == -1.25
+    assert atoms_to_data(atoms, relaxed=relaxed, y_relaxed=0.5, y_init=0.25).y_relaxed == 0.5
+    plain = atoms_to_data(make_atoms(2))
+    assert "y_init" not in plain.keys() and "sid" not in plain.keys()
+    other = make_atoms(1)
+    with pytest.raises(ValueError, match="relaxed"):
+        atoms_to_data(atoms, relaxed=other)
+
+
+def test_missing_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        OC20LMDB(tmp_path / "nope.lmdb")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.lmdb"):
+        OC20LMDB(tmp_path / "empty")
+
+
+def test_pickled_dataset_reopens_lazily(tmp_path):
+    path = tmp_path / "data.lmdb"
+    write_lmdb([make_data(i) for i in range(3)], path)
+    ds = OC20LMDB(path)
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone[2].sid == 102
+    # Two datasets over one file in one process share the environment.
+    assert OC20LMDB(path)[1].sid == ds[1].sid == 101
+
+
+def test_dataloader_with_worker(tmp_path):
+    path = tmp_path / "data.lmdb"
+    write_lmdb([make_data(i) for i in range(5)], path)
+    ds = OC20LMDB(path)
+    ds[0]  # the parent holds an open environment when the worker forks
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=1, collate_fn=_sids
+    )
+    assert [s for batch in loader for s in batch] == [100, 101, 102, 103, 104]
+    assert ds[4].sid == 104  # and re-opens it afterwards
+
+
+def _sids(items):
+    return [d.sid for d in items]
+
+
+def test_oc20_tags_from_ase_layers():
+    from flt_mol.data.oc20 import oc20_tags_from_ase_layers
+
+    atoms = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    add_adsorbate(atoms, "O", 1.5, "fcc")
+    tags = oc20_tags_from_ase_layers(atoms)
+    ase_tags = atoms.get_tags()
+    assert tags.tolist() == [2 if t == 0 else 1 if t == 1 else 0 for t in ase_tags]
+    assert (tags == 2).sum() == 1 and (tags == 1).sum() == 4
