@@ -43,7 +43,11 @@ MODES = ("flt", "performer", "exact")
 
 
 def center_positions(
-    pos: torch.Tensor, *, padding_mask: torch.Tensor | None = None, causal: bool = False
+    pos: torch.Tensor,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    integer: bool = False,
 ) -> torch.Tensor:
     """Shift positions to a translation-covariant origin before the RPE features.
 
@@ -51,17 +55,20 @@ def center_positions(
     sees ``n1`` and ``n2`` themselves, so the FLT output is translation invariant only in
     distribution unless positions are centred first. Bidirectional: subtract the mean over real
     tokens (permutation invariant); causal: subtract the first token's position (the only origin
-    that every prefix can see). Also keeps the angles ``2 pi r.xi`` small in fp32.
+    that every prefix can see). Also keeps the angles ``2 pi r.xi`` small in fp32. ``integer``:
+    round the centre so integer (lattice) positions stay integers (then exact for integer shifts).
 
     Shapes: ``pos [B, L, l]``, ``padding_mask [B, L]`` -> ``[B, L, l]``.
     """
     if causal:
         return pos - pos[:, :1]
     if padding_mask is None:
-        return pos - pos.mean(dim=1, keepdim=True)
-    keep = (~padding_mask).to(pos.dtype)[..., None]
-    center = (pos * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
-    return pos - center
+        center = pos.mean(dim=1, keepdim=True)
+    else:
+        keep = (~padding_mask).to(pos.dtype)[..., None]
+        center = (pos * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
+    # floor(c + 1/2), not round(): round-half-to-even would break exactness for integer shifts.
+    return pos - (torch.floor(center + 0.5) if integer else center)
 
 
 class FLTAttention(nn.Module):
@@ -218,7 +225,9 @@ class FLTAttention(nn.Module):
         """Kernel features ``phi(Q^), phi(K^)`` in fp32, ``[B, H, L, m]``."""
         qs, ks = _acc(q), _acc(k)  # already scaled by d^-1/4 in _project
         if self.mode == "flt":
-            pos = center_positions(pos, padding_mask=padding_mask, causal=self.causal)
+            pos = center_positions(
+                pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
+            )
             n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
             qs = torch.cat([n1, qs], dim=-1)
             ks = torch.cat([n2.expand(qs.shape[0], -1, -1, -1), ks], dim=-1)

@@ -72,7 +72,13 @@ def load_storage_bytes(b: bytes) -> Any:
     storage = _parse_legacy_storage(b)
     if storage is not None:
         return storage
-    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, AssertionError, RuntimeError, EOFError, ValueError,
+            KeyError, TypeError, IndexError) as err:
+        raise pickle.UnpicklingError(
+            f"tensor storage bytes are corrupt ({type(err).__name__}: {err})"
+        ) from err
 
 
 _ELEMENT_SIZES = {
@@ -129,35 +135,42 @@ class _LegacyHeaderUnpickler(pickle.Unpickler):
 
 
 def _parse_legacy_storage(b: bytes) -> Any:
-    """Return a TypedStorage, or None when ``b`` is not a plain single-storage legacy stream."""
+    """Return a TypedStorage, or None when ``b`` is not the legacy single-storage layout
+    (another ``torch.save`` format, or a storage view); raise when it is, but damaged."""
+    import numpy as np
     import torch
 
     f = io.BytesIO(b)
+    # The five pickles follow each other; one unpickler reads them in turn.
+    unpickler = _LegacyHeaderUnpickler(f)
     try:
-        # The five pickles follow each other; one unpickler reads them in turn.
-        unpickler = _LegacyHeaderUnpickler(f)
         magic = unpickler.load()
         version = unpickler.load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            MemoryError, OverflowError):
+        return None
+    if magic != _LEGACY_MAGIC_NUMBER or version != _LEGACY_PROTOCOL_VERSION:
+        return None
+    try:
         sys_info = unpickler.load()
         obj = unpickler.load()
         keys = unpickler.load()
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError):
-        return None
-    if magic != _LEGACY_MAGIC_NUMBER or version != _LEGACY_PROTOCOL_VERSION:
-        return None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            MemoryError, OverflowError) as err:
+        raise pickle.UnpicklingError(f"tensor storage bytes are corrupt ({err})") from err
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
-        return None
-    if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__persistent__"):
-        return None
-    pid = obj[1]
+        raise pickle.UnpicklingError("tensor storage bytes: not a little-endian torch.save stream")
+    pid = obj[1] if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__persistent__" else None
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-        return None
+        raise pickle.UnpicklingError("tensor storage bytes do not hold a single storage")
     storage_type, key = pid[1], pid[2]
     if not isinstance(storage_type, _StorageType) or keys != [key]:
-        return None
-    if len(pid) >= 6 and pid[5] is not None:  # storage views: rare, leave to torch
+        raise pickle.UnpicklingError("tensor storage bytes: inconsistent storage type or key")
+    if len(pid) >= 6 and pid[5] is not None:  # storage views: rare, leave them to torch
         return None
     dtype = getattr(torch, storage_type.dtype_name)
     element_size = _ELEMENT_SIZES[storage_type.dtype_name]
@@ -172,13 +185,13 @@ def _parse_legacy_storage(b: bytes) -> Any:
             f"tensor storage bytes are truncated: {numel} elements announced, "
             f"{len(b) - start} bytes present"
         )
-    if nbytes == 0:
-        untyped = torch.UntypedStorage(0)
-    else:
-        # torch.frombuffer keeps a reference to the bytearray, which owns the copy.
-        untyped = torch.frombuffer(bytearray(b[start : start + nbytes]), dtype=torch.uint8)
-        untyped = untyped.untyped_storage()
-    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+    # A torch-owned copy (no buffer shared with the pickle's bytes).
+    flat = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        flat.numpy()[:] = np.frombuffer(b, dtype=np.uint8, count=nbytes, offset=start)
+    return torch.storage.TypedStorage(
+        wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True
+    )
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:

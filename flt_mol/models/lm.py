@@ -87,12 +87,20 @@ class LMConfig:
 
 def build_rpe_1d(kind: str, num_heads: int, num_terms: int) -> nn.Module:
     """The per-head RPE on 1D token indices: Gaussian mixture (paper Eq. 4.3) or local boxes
-    ``f(n) = sum_t w_t 1[|n| <= v_t]`` on the integer lattice (paper Eq. 20-21)."""
+    ``f(n) = sum_t w_t 1[|n| <= v_t]`` on the integer lattice (paper Eq. 20-21).
+
+    Initialised small (peak |f| ~ 0.3, boxes up to 8 tokens wide): the RPE features add about
+    ``mean(a^2)`` to the squared norms FAVOR+ exponentiates (DESIGN.md §2(c)), and wide boxes or
+    large amplitudes made the kernel estimate, and training, visibly worse. The Gaussian mixture
+    is nonnegative so the balanced ``sqrt(a)`` split applies; its mask is then a positive-definite
+    function, largest at offset 0 (a locality prior the weights can flatten).
+    """
     if kind == "gaussian_mixture":
         # Frequencies in cycles per token: means inside the aliasing band [-1/2, 1/2).
-        return GaussianMixtureRPE(num_heads, num_terms, 1, init_mean_range=0.5, init_std=0.05, init_peak=1.0)
+        return GaussianMixtureRPE(num_heads, num_terms, 1, nonnegative=True, init_mean_range=0.5,
+                                  init_std=0.05, init_peak=0.3)
     if kind == "local":
-        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, 16.0), init_peak=1.0)
+        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, 8.0), init_peak=0.3)
     raise ValueError(f"unknown 1D RPE {kind!r}; expected gaussian_mixture or local")
 
 

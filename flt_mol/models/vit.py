@@ -114,10 +114,14 @@ class VisionTransformer(nn.Module):
 
     def _rpe(self) -> nn.Module:
         c = self.config
+        # Small initial masks (peak ~0.3) keep the RPE features from dominating the query / key
+        # vectors the feature map sees (see flt_mol.models.lm.build_rpe_1d).
         if c.rpe == "gaussian_mixture":
             # Frequencies in cycles per patch, means in the aliasing band of the integer grid.
-            return GaussianMixtureRPE(c.num_heads, c.rpe_terms, 2, init_mean_range=0.5, init_std=0.05)
-        return LocalRPE(c.num_heads, c.rpe_terms, 2, lattice=True, init_half_width_range=(1.0, float(c.grid)))
+            return GaussianMixtureRPE(c.num_heads, c.rpe_terms, 2, nonnegative=True, init_mean_range=0.5,
+                                      init_std=0.05, init_peak=0.3)
+        return LocalRPE(c.num_heads, c.rpe_terms, 2, lattice=True,
+                        init_half_width_range=(1.0, max(1.0, c.grid / 2)), init_peak=0.3)
 
     def _attention(self) -> nn.Module:
         c = self.config

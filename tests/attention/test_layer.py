@@ -171,6 +171,15 @@ def test_bf16_autocast(mode):
     assert rel < 0.05, rel
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lattice_rpe_layer_keeps_integer_positions(causal):
+    layer = FLTAttention(D, H, rpe=LocalRPE(H, 2, 1, lattice=True), causal=causal).double()
+    x = torch.randn(B, L, D, dtype=torch.float64)
+    tpos = torch.arange(L, dtype=torch.float64)[None, :, None].expand(B, L, 1)
+    y = layer(x, tpos)
+    torch.testing.assert_close(layer(x, tpos + 7.0), y)  # integer shifts: exactly invariant
+
+
 def test_other_families_in_the_layer():
     text = FLTAttention(D, H, rpe=LocalRPE(H, 2, 1, lattice=True), causal=True)
     tpos = torch.arange(L).float()[None, :, None].expand(B, L, 1)

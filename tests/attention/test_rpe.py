@@ -231,3 +231,22 @@ def test_bad_inputs_raise_clear_errors():
 def test_initial_mask_is_order_one():
     for rpe, dim in [(GaussianBasisRPE(8, 32, 3), 3), (GaussianMixtureRPE(8, 8, 1), 1), (LocalRPE(8, 4, 1), 1), (KernelRPE(8, "gaussian", 3), 3)]:
         assert float(rpe.mask(torch.zeros(dim)).detach().abs().max()) <= 3.0
+
+
+def test_row_sums_unbiased_and_translation_invariant():
+    """Per-atom context sum_j f_k(r_i - r_j) from K single-term channels, linear in L."""
+    rpe = GaussianBasisRPE(4, 1, 3, init_scale_range=(1.0, 1.0))
+    pos = 2.0 * torch.randn(2, 6, 3)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    exact = rpe.exact_row_sums(pos, pad).detach()
+    assert exact.shape == (2, 6, 4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        samples = torch.stack([rpe.row_sums(pos, 4, g, padding_mask=pad) for _ in range(400)])
+    assert_unbiased(samples, exact)
+    noise = rpe.draw_noise(8)
+    torch.testing.assert_close(
+        rpe.row_sums(pos + 3.0, 8, noise=noise, padding_mask=pad),
+        rpe.row_sums(pos, 8, noise=noise, padding_mask=pad), rtol=1e-4, atol=1e-4,
+    )
