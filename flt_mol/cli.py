@@ -50,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `flt-mol train RECIPE --out DIR key=value ...`: argparse stops filling positionals once an
+    # option has been seen, so trailing key=value overrides come back as extras. They are
+    # accepted only by commands that declare an `overrides` positional, and only in key=value form.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        accepts = isinstance(getattr(args, "overrides", None), list)
+        bad = [e for e in extras if e.startswith("-") or "=" not in e]
+        if not accepts or bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad if accepts else extras)}")
+        args.overrides = [*args.overrides, *extras]
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -151,3 +151,19 @@ def test_numpy_and_builtin_containers_round_trip():
         assert got["scalar"] == 1.5 and type(got["scalar"]) is np.float64
         for key in ("ordered", "set", "frozen", "bytes", "tuple", "complex"):
             assert got[key] == value[key]
+
+
+def test_non_legacy_storage_bytes_go_through_torch_weights_only(tmp_path):
+    """Storage bytes in torch's zip format take torch's own restricted loader."""
+    marker = tmp_path / "pwned"
+    good = io.BytesIO()
+    torch.save(torch.arange(5.0).untyped_storage(), good)  # zip format
+    storage = load_storage_bytes(good.getvalue())
+    assert bytes(storage) == bytes(torch.arange(5.0).untyped_storage())
+    evil = io.BytesIO()
+    torch.save(TouchFile(marker), evil)
+    with pytest.raises(pickle.UnpicklingError):
+        load_storage_bytes(evil.getvalue())
+    with pytest.raises(pickle.UnpicklingError, match="corrupt"):
+        load_storage_bytes(b"PK\x03\x04 not really a zip file")
+    assert not marker.exists()
