@@ -128,8 +128,8 @@ def favor_plus_features(
     # subtraction and one exp per element. 1/sqrt(m) is folded into the stabiliser.
     log_sqrt_m = 0.5 * math.log(m)
     if is_query:
-        # Per row, |x|^2/2 and the stabiliser are both constants: max_m(Wx - |x|^2/2) - |x|^2/2
-        # reduces to max_m(Wx), so the norm is never computed.
+        # The row stabiliser is max_m(Wx) - |x|^2/2, so Wx - |x|^2/2 - stab = Wx - max_m(Wx):
+        # the query norm cancels exactly and is never computed.
         with torch.no_grad():
             stab = wx.amax(dim=-1, keepdim=True) + log_sqrt_m
         return wx.sub_(stab).exp_()

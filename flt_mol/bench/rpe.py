@@ -24,7 +24,7 @@ from pathlib import Path
 __all__ = ["add_arguments", "run", "run_rows", "FAMILIES", "theorem_bound"]
 
 FAMILIES = (
-    "gaussian_basis",
+    "gaussian_basis",  # learnable-variance Gaussian p (DESIGN §3)
     "gaussian_basis_mixture",
     "gaussian_mixture",
     "local_lattice",
@@ -60,7 +60,7 @@ def build_family(name: str, heads: int):
     from flt_mol.attention import GaussianBasisRPE, GaussianMixtureRPE, KernelRPE, LocalRPE
 
     if name == "gaussian_basis":
-        return GaussianBasisRPE(heads, 8, 3), "atoms"
+        return GaussianBasisRPE(heads, 8, 3, sampler="gaussian"), "atoms"
     if name == "gaussian_basis_mixture":
         return GaussianBasisRPE(heads, 8, 3, sampler="mixture"), "atoms"
     if name == "gaussian_mixture":

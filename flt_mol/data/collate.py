@@ -6,7 +6,9 @@ Token layout per structure ``b`` (length ``L`` = longest structure + its images 
 
 ``padding_mask`` is True on padding, ``is_image`` on images, ``real_mask = ~padding & ~image``.
 Images copy atomic number, tag and ``fixed`` from their source atom; their displacement is 0 and
-they must be kept out of energy and node losses (use ``real_mask``).
+they must be kept out of energy and node losses (use ``real_mask``). Which images are added is
+set by :class:`flt_mol.data.pbc.PeriodicImages` (Graphormer-3D's default: slab atoms of the 8
+in-plane neighbour cells closer than 8 A to an adsorbate atom).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch_geometric.data import Data
 
-from flt_mol.data.pbc import PeriodicImages, batched_periodic_images
+from flt_mol.data.pbc import PeriodicImages, batched_periodic_images, copy_mask
 
 __all__ = ["AtomsBatch", "PeriodicImages", "collate_atoms", "Collater"]
 
@@ -127,7 +129,7 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
             pos=pos,
             cell=cell,
             centre_mask=centre_mask,
-            atom_mask=atom_mask,
+            atom_mask=atom_mask & copy_mask(tags, images),
             shifts=images.shift_tensor(),
             cutoff=images.cutoff,
             max_images=images.max_images,

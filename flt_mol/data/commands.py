@@ -91,13 +91,15 @@ def _frames_to_data(frames: list[Any], *, start_sid: int, calc_energy: str) -> I
     for offset, atoms in enumerate(frames):
         info = _frame_info(atoms)
         sid = info.get("sid")
+        energy = _frame_energy(atoms)
+        # atoms.copy() drops the calculator, so the frame's energy lands only where
+        # --calc-energy says (atoms_to_data would otherwise take it as y_init).
         data = atoms_to_data(
-            atoms,
+            atoms.copy(),
             y_init=info.get("y_init"),
             y_relaxed=info.get("y_relaxed"),
             sid=sid if sid is not None else start_sid + offset,
         )
-        energy = _frame_energy(atoms)
         if energy is not None and calc_energy != "none" and calc_energy not in data.keys():
             data[calc_energy] = energy
         if "pos_relaxed" in atoms.arrays:

@@ -11,6 +11,8 @@
   blurred and noised into 28x28 grey images, MNIST-style (white digit on black). Deterministic by
   seed; train and validation use different seeds. No download, no extra package (Pillow and the
   fonts come with matplotlib). It is synthetic: accuracies on it are not comparable with MNIST.
+* **sklearn-digits**: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download;
+  needs scikit-learn), split deterministically: every fifth image (index % 5 == 4) is validation.
 
 :class:`ImageClassification` wraps ``uint8 [N, H, W]`` images and labels as a Dataset of
 ``(image [1, H, W] float in [0, 1], label)``.
@@ -33,6 +35,7 @@ __all__ = [
     "glyph_digits",
     "ImageClassification",
     "load_image_split",
+    "sklearn_digits",
 ]
 
 # IDX type code -> numpy big-endian dtype.
@@ -176,6 +179,23 @@ def glyph_digits(num_per_class: int, *, seed: int, size: int = 28) -> tuple[np.n
     return images, labels
 
 
+def sklearn_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ``(uint8 [N, 8, 8] scaled from 0..16 to 0..255, int64 [N])``;
+    ``split`` train (4 of every 5 images) or val (index % 5 == 4)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"sklearn-digits splits are 'train' and 'val', got {split!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError("image source 'sklearn-digits' needs scikit-learn (pip install scikit-learn)") from err
+    data = load_digits()
+    images = np.round(np.asarray(data.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
+    labels = np.asarray(data.target, dtype=np.int64)
+    val = np.arange(len(labels)) % 5 == 4
+    keep = val if split == "val" else ~val
+    return images[keep], labels[keep]
+
+
 class ImageClassification(Dataset):
     """``(image [1, H, W] float32 in [0, 1], label int64)`` from uint8 ``images [N, H, W]``."""
 
@@ -208,16 +228,19 @@ def load_image_split(
     seed: int = 0,
 ) -> ImageClassification:
     """``source="glyph-digits"`` (offline default; ``split`` train|val, seeds ``seed`` and
-    ``seed + 1``) or ``"idx"`` (MNIST / Fashion-MNIST files in ``root``; ``split`` train|test,
-    ``val`` is an alias of ``test``)."""
+    ``seed + 1``), ``"sklearn-digits"`` (8x8; train|val) or ``"idx"`` (MNIST / Fashion-MNIST files
+    in ``root``; ``split`` train|test, ``val`` is an alias of ``test``)."""
     if source == "glyph-digits":
         if split not in ("train", "val"):
             raise ValueError(f"glyph-digits splits are 'train' and 'val', got {split!r}")
         images, labels = glyph_digits(num_per_class, seed=seed if split == "train" else seed + 1)
+        return ImageClassification(images, labels)
+    if source == "sklearn-digits":
+        images, labels = sklearn_digits(split)
         return ImageClassification(images, labels)
     if source == "idx":
         if root is None:
             raise ValueError("image source 'idx' needs root= the folder holding the IDX files")
         images, labels = load_mnist_idx(root, "test" if split == "val" else split)
         return ImageClassification(images, labels)
-    raise ValueError(f"unknown image source {source!r}; expected 'glyph-digits' or 'idx'")
+    raise ValueError(f"unknown image source {source!r}; expected 'glyph-digits', 'sklearn-digits' or 'idx'")

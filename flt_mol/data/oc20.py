@@ -28,6 +28,7 @@ rebuilt as ``Data(**obj.__dict__)``, as fairchem does.
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import os
 import pickle
@@ -470,7 +471,8 @@ def write_lmdb(
         for i, item in enumerate(items):
             if not isinstance(item, Data):
                 raise TypeError(f"write_lmdb: item {i} is a {type(item).__name__}, expected Data")
-            data = validate_data(item.clone(), source=f"write_lmdb item {i}")
+            # A shallow copy: validation replaces fields of the copy, never the caller's object.
+            data = validate_data(copy.copy(item), source=f"write_lmdb item {i}")
             pending.append((f"{i}".encode("ascii"), pickle.dumps(data, protocol=4)))
             count = i + 1
             if len(pending) >= 1000:

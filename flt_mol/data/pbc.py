@@ -1,10 +1,11 @@
 """Periodic images around adsorbates (Graphormer-3D, Shi et al. 2022).
 
 OC20 slabs are periodic in the a-b plane. Graphormer-3D adds, as extra tokens, the copies of
-atoms in the 8 in-plane neighbour cells that lie within a cutoff (8 A) of any adsorbate atom:
+slab atoms in the 8 in-plane neighbour cells that lie within a cutoff (8 A) of any adsorbate
+atom (adsorbate atoms themselves are not copied):
 
     image(i, s) = pos_i + s @ cell,   s in S = {-1, 0, 1}^2 x {0} minus (0, 0, 0)
-    kept  iff   min_{c : tag_c in centre_tags} |image(i, s) - pos_c| <= cutoff
+    kept  iff   tag_i in copy_tags  and  min_{c : tag_c in centre_tags} |image(i, s) - pos_c| < cutoff
 
 An image inherits the atomic number, tag and ``fixed`` flag of its source atom ``i``. Everything
 here is vectorised over shifts, atoms and (for :func:`batched_periodic_images`) structures;
@@ -14,7 +15,7 @@ here is vectorised over shifts, atoms and (for :func:`batched_periodic_images`) 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,7 @@ __all__ = [
     "periodic_images",
     "batched_periodic_images",
     "periodic_images_reference",
+    "copy_mask",
 ]
 
 # The 8 in-plane neighbour cells, in a fixed order (images are listed shift by shift).
@@ -54,9 +56,11 @@ class PeriodicImages:
     """Which periodic images to add as tokens.
 
     Args:
-        cutoff: keep an image within this distance (Angstrom) of any centre atom.
+        cutoff: keep an image closer than this (Angstrom, strict) to any centre atom.
         shifts: lattice shifts (integer multiples of the cell rows); 2-tuples mean (a, b, 0).
         centre_tags: tags of the centre atoms (OC20: 2 = adsorbate).
+        copy_tags: tags of the atoms that get images (default: the slab, 0 and 1, as in
+            Graphormer-3D, which does not copy the adsorbate); None = every atom.
         max_images: keep at most this many images per structure (the nearest to a centre);
             None = no limit.
     """
@@ -64,6 +68,7 @@ class PeriodicImages:
     cutoff: float = 8.0
     shifts: tuple[tuple[int, ...], ...] = IN_PLANE_SHIFTS
     centre_tags: tuple[int, ...] = (2,)
+    copy_tags: tuple[int, ...] | None = (0, 1)
     max_images: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +76,8 @@ class PeriodicImages:
             raise ValueError(f"PeriodicImages.cutoff must be > 0, got {self.cutoff}")
         object.__setattr__(self, "shifts", _normalise_shifts(tuple(self.shifts)))
         object.__setattr__(self, "centre_tags", tuple(int(t) for t in self.centre_tags))
+        if self.copy_tags is not None:
+            object.__setattr__(self, "copy_tags", tuple(int(t) for t in self.copy_tags))
         if self.max_images is not None and self.max_images < 0:
             raise ValueError(f"PeriodicImages.max_images must be >= 0, got {self.max_images}")
 
@@ -88,7 +95,7 @@ class ImageSet:
 
     pos: torch.Tensor
     source: torch.Tensor
-    shift: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    shift: torch.Tensor
 
     def __len__(self) -> int:
         return self.source.shape[0]
@@ -110,9 +117,10 @@ def batched_periodic_images(
         pos: [B, N, 3] positions (padding rows arbitrary).
         cell: [B, 3, 3] lattice vectors as rows.
         centre_mask: [B, N] bool, True for centre atoms (e.g. adsorbate).
-        atom_mask: [B, N] bool, True for real atoms.
+        atom_mask: [B, N] bool, True for the atoms that may be copied (real atoms, and only
+            those with a copy tag).
         shifts: [K, 3] integer lattice shifts.
-        cutoff: keep distance (inclusive).
+        cutoff: keep distance (strict: ``dist < cutoff``).
         max_images: per structure, keep only the nearest this many.
 
     Returns:
@@ -139,7 +147,7 @@ def batched_periodic_images(
         valid = torch.arange(C, device=pos.device)[None, :] < n_centres[:, None]  # [B, C]
         dist = d.masked_fill(~valid[:, None, :], float("inf")).amin(dim=2).view(B, K, N)
     dist = dist.masked_fill(~atom_mask[:, None, :], float("inf"))
-    keep = dist <= cutoff
+    keep = dist < cutoff
     if max_images is not None and K * N > max_images:
         flat = dist.masked_fill(~keep, float("inf")).reshape(B, K * N)
         order = torch.sort(flat, dim=1, stable=True).indices
@@ -148,6 +156,13 @@ def batched_periodic_images(
         )
         keep = keep & (rank < max_images).view(B, K, N)
     return image_pos, keep, dist
+
+
+def copy_mask(tags: torch.Tensor, config: PeriodicImages) -> torch.Tensor:
+    """[..., N] bool: atoms whose images may be added (``config.copy_tags``)."""
+    if config.copy_tags is None:
+        return torch.ones_like(tags, dtype=torch.bool)
+    return torch.isin(tags.long(), torch.tensor(config.copy_tags, dtype=torch.long))
 
 
 def periodic_images(
@@ -168,13 +183,13 @@ def periodic_images(
     """
     config = config if config is not None else PeriodicImages()
     shifts = config.shift_tensor()
-    n = pos.shape[0]
-    centre = torch.isin(tags.long(), torch.tensor(config.centre_tags, dtype=torch.long))
+    tags = tags.long()
+    centre = torch.isin(tags, torch.tensor(config.centre_tags, dtype=torch.long))
     image_pos, keep, _ = batched_periodic_images(
         pos=pos[None],
         cell=cell.reshape(1, 3, 3),
         centre_mask=centre[None],
-        atom_mask=torch.ones(1, n, dtype=torch.bool),
+        atom_mask=copy_mask(tags, config)[None],
         shifts=shifts,
         cutoff=config.cutoff,
         max_images=config.max_images,
@@ -198,8 +213,10 @@ def periodic_images_reference(
     for s in config.shifts:
         offset = sum(s[j] * cell[j] for j in range(3))
         for i in range(p.shape[0]):
+            if config.copy_tags is not None and int(tags[i]) not in config.copy_tags:
+                continue
             image = p[i] + offset
-            if any(float(torch.linalg.norm(image - p[c])) <= config.cutoff for c in centres):
+            if any(float(torch.linalg.norm(image - p[c])) < config.cutoff for c in centres):
                 out_pos.append(image)
                 out_src.append(i)
                 out_shift.append(s)

@@ -127,12 +127,15 @@ def displacement_sum(n1: torch.Tensor, n2: torch.Tensor, *, pos: torch.Tensor, q
     ``padding_mask [B, L]`` -> ``[B, L, 3]``.
     """
     keep = (~padding_mask).to(n1.dtype)
-    kb = key * keep[..., None]  # padded keys contribute nothing
-    s_vec = torch.einsum("bcjf,bjc,bjx->bcfx", n2, kb, pos)
-    s_one = torch.einsum("bcjf,bjc->bcf", n2, kb)
-    term_vec = torch.einsum("bcif,bcfx,bic->bix", n1, s_vec, query)
-    term_one = torch.einsum("bcif,bcf,bic->bi", n1, s_one, query)
-    return (term_vec - pos * term_one[..., None]) * keep[..., None]
+    # Two-operand contractions only (three-operand einsums pick slow paths here).
+    w2 = n2 * (key * keep[..., None]).transpose(1, 2)[..., None]  # [B, C, L, F]; pads contribute 0
+    s_vec = torch.einsum("bcjf,bjx->bcfx", w2, pos)  # sum_j b_j n2_j r_j^T
+    s_one = w2.sum(dim=2)  # sum_j b_j n2_j, [B, C, F]
+    term_vec = torch.einsum("bcif,bcfx->bcix", n1, s_vec)
+    term_one = torch.einsum("bcif,bcf->bci", n1, s_one)
+    per_channel = term_vec - pos[:, None] * term_one[..., None]  # [B, C, L, 3]
+    out = (per_channel * query.transpose(1, 2)[..., None]).sum(dim=1)
+    return out * keep[..., None]
 
 
 def displacement_sum_exact(mask_fn, *, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,

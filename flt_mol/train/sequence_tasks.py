@@ -78,8 +78,9 @@ class ViTDataConfig:
     """Data of the ViT task.
 
     ``source``: ``glyph-digits`` (offline default, :func:`flt_mol.data.images.glyph_digits`;
-    ``train_per_class`` / ``val_per_class`` images per class, seeds ``seed`` / ``seed + 1``) or
-    ``idx`` (MNIST / Fashion-MNIST IDX files in ``root``; validation = the t10k files).
+    ``train_per_class`` / ``val_per_class`` images per class, seeds ``seed`` / ``seed + 1``),
+    ``sklearn-digits`` (8x8, needs scikit-learn; set ``model.image_size: 8``) or ``idx``
+    (MNIST / Fashion-MNIST IDX files in ``root``; validation = the t10k files).
     """
 
     source: str = "glyph-digits"
@@ -93,8 +94,8 @@ class ViTDataConfig:
     max_val_items: int | None = None
 
     def validate(self) -> None:
-        if self.source not in ("glyph-digits", "idx"):
-            raise ConfigError(f"data.source must be glyph-digits or idx, got {self.source!r}")
+        if self.source not in ("glyph-digits", "sklearn-digits", "idx"):
+            raise ConfigError(f"data.source must be glyph-digits, sklearn-digits or idx, got {self.source!r}")
         if self.source == "idx" and self.root is None:
             raise ConfigError("data.source=idx needs data.root (the folder of the IDX files)")
         if self.train_per_class < 1 or self.val_per_class < 1:

@@ -34,10 +34,11 @@ def _attention_args(tmp_path, **over):
     return args
 
 
-def test_attention_rows_schema_and_budget_skip(tmp_path):
-    # A budget below the exact method's estimate at L=16: its row is skipped with a reason.
-    budget = bench_attention.estimate_exact_bytes(1, 2, 12) / 2**30
-    args = _attention_args(tmp_path, lengths=[16], mem_budget_gb=budget)
+def test_attention_rows_schema_and_budget_skip(tmp_path, monkeypatch):
+    # An exact-method estimate above the budget: its row is skipped with a reason.
+    assert bench_attention.estimate_exact_bytes(2, 12, 4096) > bench_attention.estimate_exact_bytes(2, 12, 2048)
+    monkeypatch.setattr(bench_attention, "estimate_exact_bytes", lambda b, h, L: 2**50)
+    args = _attention_args(tmp_path, lengths=[16], mem_budget_gb=1.0)
     rows = bench_attention.run_rows(args, log=lambda *_: None)
     assert [(r["method"], r["length"]) for r in rows] == [("flt", 16), ("exact", 16)]
     for r in rows:
@@ -128,3 +129,11 @@ def test_data_subcommand_only_when_module_exists(monkeypatch):
 def test_bench_without_subcommand_prints_help(capsys):
     assert main(["bench"]) == 2
     assert "attention" in capsys.readouterr().out
+
+
+def test_method_outgrowing_the_budget_gets_a_null_row(tmp_path):
+    """Workers cap their address space at set-up size + budget: an allocation failure becomes a reason."""
+    args = _attention_args(tmp_path, methods=["flt"], lengths=[64], mem_budget_gb=1e-4)
+    (row,) = bench_attention.run_rows(args, log=lambda *_: None)
+    assert row["forward_s"] is None and row["peak_mem_mb"] is None
+    assert "out of memory" in row["reason"]

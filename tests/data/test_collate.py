@@ -67,7 +67,8 @@ def test_padding_and_masks_without_images():
 
 def test_images_follow_real_atoms_then_padding():
     items = [make_item(5, seed=3), make_item(9, seed=4), make_item(2, seed=5)]
-    config = PeriodicImages(cutoff=4.0)
+    # 6.2 A > the 6 A cell: the adsorbate's own images would be in range, but are not copied.
+    config = PeriodicImages(cutoff=6.2)
     batch = collate_atoms(items, images=config)
     L = batch.pos.shape[1]
     totals = []
@@ -86,6 +87,7 @@ def test_images_follow_real_atoms_then_padding():
         assert torch.equal(batch.fixed[b, img], item.fixed.bool()[ref.source])
         assert batch.displacement[b, n:].eq(0).all()
         assert torch.equal(batch.pos[b, :n], item.pos)
+        assert not batch.tags[b, img].eq(2).any()
     assert L == max(totals) and sum(totals) > sum(i.natoms for i in items)
 
 

@@ -56,6 +56,7 @@ def test_extxyz_frames_with_info_keys(tmp_path, capsys):
     assert len(ds) == 3
     assert [d.sid for d in (ds[0], ds[1], ds[2])] == [40, 41, 42]
     assert [ds[i].y_relaxed for i in range(3)] == [-1.5, 3.0, 4.0]
+    assert all("y_init" not in ds[i].keys() for i in range(3))  # the energy went to y_relaxed only
     for i in range(3):
         np.testing.assert_allclose(ds[i].pos.numpy(), frames[i].positions, atol=1e-5)
         np.testing.assert_allclose(

@@ -125,3 +125,16 @@ def test_glyph_digits_deterministic_balanced_and_seeded():
         glyph_digits(0, seed=0)
     with pytest.raises(ValueError, match="splits"):
         load_image_split("glyph-digits", "test")
+
+
+def test_sklearn_digits_split():
+    pytest.importorskip("sklearn")
+    from flt_mol.data.images import sklearn_digits
+
+    train_x, train_y = sklearn_digits("train")
+    val_x, val_y = sklearn_digits("val")
+    assert train_x.shape[1:] == (8, 8) and train_x.dtype == np.uint8 and train_x.max() == 255
+    assert len(train_y) + len(val_y) == 1797 and len(val_y) == 1797 // 5
+    assert set(val_y.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="splits"):
+        sklearn_digits("test")

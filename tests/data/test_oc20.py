@@ -283,6 +283,20 @@ def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
         write_lmdb([make_atoms(0)], tmp_path / "atoms.lmdb")
 
 
+def test_writer_normalises_a_copy_not_the_callers_data(tmp_path):
+    data = make_data(0)
+    data.tags = data.tags.int()
+    data.pos = data.pos.double()
+    data.cell = data.cell[0]
+    write_lmdb([data], tmp_path / "x.lmdb")
+    assert data.tags.dtype == torch.int32 and data.pos.dtype == torch.float64
+    assert data.cell.shape == (3, 3)
+    got = OC20LMDB(tmp_path / "x.lmdb")[0]
+    assert got.tags.dtype == torch.int64 and got.pos.dtype == torch.float32
+    assert got.cell.shape == (1, 3, 3)
+    torch.testing.assert_close(got.pos, data.pos.float(), rtol=0, atol=0)
+
+
 def test_writer_grows_map_size(tmp_path):
     path = tmp_path / "grow.lmdb"
     items = [make_data(i % 4) for i in range(40)]

@@ -11,6 +11,7 @@ from flt_mol.data.pbc import (
     IN_PLANE_SHIFTS,
     PeriodicImages,
     batched_periodic_images,
+    copy_mask,
     periodic_images,
     periodic_images_reference,
 )
@@ -56,7 +57,8 @@ def test_matches_brute_force(cutoff, seed):
     offsets = got.shift.double() @ cell
     torch.testing.assert_close(got.pos, pos[got.source] + offsets, rtol=0, atol=1e-12)
     centres = pos[tags == 2]
-    assert bool((torch.cdist(got.pos, centres).amin(dim=1) <= cutoff).all())
+    assert bool((torch.cdist(got.pos, centres).amin(dim=1) < cutoff).all())
+    assert bool((tags[got.source] != 2).all())  # the adsorbate is not copied (Graphormer-3D)
     if cutoff == 8.0:
         assert len(got) > 0
 
@@ -69,9 +71,22 @@ def test_custom_shifts_and_centre_tags():
     assert_same(periodic_images(pos, cell, tags, config), periodic_images_reference(pos, cell, tags, config))
 
 
+@pytest.mark.parametrize("copy_tags", [None, (1,), (0, 1, 2)])
+def test_copy_tags(copy_tags):
+    g = torch.Generator().manual_seed(7)
+    pos, cell, tags = random_slab(12, generator=g)
+    config = PeriodicImages(cutoff=7.0, copy_tags=copy_tags)
+    got = periodic_images(pos, cell, tags, config)
+    assert_same(got, periodic_images_reference(pos, cell, tags, config))
+    allowed = copy_tags if copy_tags is not None else (0, 1, 2)
+    assert set(tags[got.source].tolist()) <= set(allowed)
+    if copy_tags is None:
+        assert 2 in tags[got.source].tolist()
+
+
 def test_default_is_eight_in_plane_cells_at_8A():
     config = PeriodicImages()
-    assert config.cutoff == 8.0 and config.centre_tags == (2,)
+    assert config.cutoff == 8.0 and config.centre_tags == (2,) and config.copy_tags == (0, 1)
     assert len(IN_PLANE_SHIFTS) == 8 and (0, 0, 0) not in IN_PLANE_SHIFTS
     assert {s[:2] for s in IN_PLANE_SHIFTS} == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)} - {(0, 0)}
     assert all(s[2] == 0 for s in IN_PLANE_SHIFTS)
@@ -114,15 +129,16 @@ def test_batched_equals_per_structure():
         tags[b, : len(p)] = t
         atom_mask[b, : len(p)] = True
     cell = torch.stack([c for _, c, _ in slabs])
-    config = PeriodicImages(cutoff=5.0)
+    config = PeriodicImages(cutoff=6.0)
     image_pos, keep, _ = batched_periodic_images(
-        pos=pos, cell=cell, centre_mask=atom_mask & (tags == 2), atom_mask=atom_mask,
+        pos=pos, cell=cell, centre_mask=atom_mask & (tags == 2),
+        atom_mask=atom_mask & copy_mask(tags, config),
         shifts=config.shift_tensor(), cutoff=config.cutoff,
     )
     for b, (p, c, t) in enumerate(slabs):
         ref = periodic_images_reference(p, c, t, config)
         k_idx, i_idx = keep[b].nonzero(as_tuple=True)
-        assert torch.equal(i_idx, ref.source)
+        assert len(ref) > 0 and torch.equal(i_idx, ref.source)
         torch.testing.assert_close(image_pos[b, k_idx, i_idx], ref.pos, rtol=0, atol=1e-12)
 
 

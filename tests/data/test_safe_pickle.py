@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import subprocess
+import warnings
 from collections import OrderedDict
 
 import lmdb
@@ -167,3 +168,23 @@ def test_non_legacy_storage_bytes_go_through_torch_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="corrupt"):
         load_storage_bytes(b"PK\x03\x04 not really a zip file")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_storage_bytes_with_other_headers(protocol):
+    """Both the fast path (this torch's usual header) and the full parse read storages."""
+    values = torch.randn(7, dtype=torch.float64)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation; it is what tensors pickle
+        torch.save(values.storage(), buf, _use_new_zipfile_serialization=False,
+                   pickle_protocol=protocol)
+    storage = load_storage_bytes(buf.getvalue())
+    assert storage.dtype == torch.float64
+    assert torch.equal(torch.empty(0, dtype=torch.float64).set_(storage), values)
+    raw = io.BytesIO()
+    torch.save(values.untyped_storage(), raw, _use_new_zipfile_serialization=False)
+    assert bytes(load_storage_bytes(raw.getvalue())) == bytes(values.untyped_storage())
+    truncated = buf.getvalue()[:-3]
+    with pytest.raises(pickle.UnpicklingError, match="truncated"):
+        load_storage_bytes(truncated)
