@@ -60,8 +60,13 @@ class IS2REModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.1
     kernel: str = "favor+"
+    rpe_sampler: str = "gaussian"  # attention RPE frequencies: gaussian (learnable variance) | mixture
     context_channels: int = 32  # Gaussian-basis channels of the per-atom context / displacement head
     context: str = "features"  # features (random features, O(L)) | exact (O(L^2) reference)
+    context_features: int = 32  # random frequencies of the context / displacement features
+    # The terms' own mixture bounds g/p by sum_t A_t (DESIGN §2(a)); measured on EMT-IS2RE
+    # structures its context noise is ~6x lower than the learnable-variance Gaussian's.
+    context_sampler: str = "mixture"
     num_elements: int = 100
     num_tags: int = 3
     displacement_head: bool = True
@@ -71,6 +76,9 @@ class IS2REModelConfig:
 
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        for name in ("rpe_sampler", "context_sampler"):
+            if getattr(self, name) not in ("gaussian", "mixture", "standard"):
+                raise ConfigError(f"model.{name} must be gaussian, mixture or standard, got {getattr(self, name)!r}")
         if self.context not in ("features", "exact"):
             raise ConfigError(f"model.context must be 'features' or 'exact', got {self.context!r}")
         if self.embed_dim % self.num_heads != 0:
@@ -78,7 +86,7 @@ class IS2REModelConfig:
                 f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
         for name in ("num_layers", "embed_dim", "ffn_dim", "num_heads", "num_kernel_features",
-                     "num_rpe_features", "num_kernels", "blocks", "context_channels"):
+                     "num_rpe_features", "num_kernels", "blocks", "context_channels", "context_features"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -191,17 +199,18 @@ class IS2REModel(nn.Module):
         # One per-head RPE, shared by every layer and every refinement block (DESIGN §3); the
         # Performer baseline has none (its attention would ignore it).
         self.rpe = (
-            GaussianBasisRPE(config.num_heads, config.num_kernels, dim=3)
+            GaussianBasisRPE(config.num_heads, config.num_kernels, dim=3, sampler=config.rpe_sampler)
             if config.attention != "performer"
             else None
         )
         # Per-atom context and displacement head: their own Gaussian-basis channels, evaluated
         # with random features like the attention's RPE.
-        self.context_rpe = GaussianBasisRPE(config.context_channels, config.num_kernels, dim=3)
+        self.context_rpe = GaussianBasisRPE(config.context_channels, config.num_kernels, dim=3,
+                                            sampler=config.context_sampler)
         self.context_proj = nn.Linear(config.context_channels, d)
         self.context_norm = nn.LayerNorm(config.context_channels)
         self.register_buffer(
-            "context_noise", self.context_rpe.draw_noise(config.num_rpe_features), persistent=True
+            "context_noise", self.context_rpe.draw_noise(config.context_features), persistent=True
         )
         self.layers = nn.ModuleList(
             TransformerBlock(
@@ -228,10 +237,13 @@ class IS2REModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.atom_embedding.weight, std=0.02)
+        # Unit-scale identities, comparable to the projected context: with tiny embeddings the
+        # first LayerNorm sees mostly geometry and training sits on a plateau before it finds
+        # the adsorbate identity.
+        nn.init.normal_(self.atom_embedding.weight, std=1.0)
         with torch.no_grad():
             self.atom_embedding.weight[0].zero_()
-        nn.init.normal_(self.tag_embedding.weight, std=0.02)
+        nn.init.normal_(self.tag_embedding.weight, std=1.0)
         nn.init.ones_(self.tag_factor)
         # Small final layer: the initial prediction is close to the (normalised) mean energy.
         nn.init.normal_(self.energy_head[-1].weight, std=0.01)
@@ -251,13 +263,13 @@ class IS2REModel(nn.Module):
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
         """Redraw every random feature of the model (attention kernels, RPE and context)."""
         self.context_noise.copy_(
-            self.context_rpe.draw_noise(self.config.num_rpe_features, generator=generator).to(self.context_noise)
+            self.context_rpe.draw_noise(self.config.context_features, generator=generator).to(self.context_noise)
         )
         for layer in self.layers:
             layer.attention.redraw_features(generator=generator)
 
     def _context_features(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.context_rpe.features(pos, self.config.num_rpe_features, noise=self.context_noise)
+        return self.context_rpe.features(pos, self.config.context_features, noise=self.context_noise)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor | None]:
         z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()

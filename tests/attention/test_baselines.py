@@ -179,3 +179,17 @@ def test_loglinear_redraw_is_explicit():
     before = attn.feature_map.projection.clone()
     attn.redraw_features()
     assert not torch.equal(before, attn.feature_map.projection)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_loglinear_with_exact_features_is_toeplitz_softmax(causal):
+    """With features that factor exp(q.k/sqrt d) exactly (kf_j = e_j, qf_i[j] = exp(q_i.k_j/sqrt d)),
+    the FFT path must reproduce softmax(q k^T/sqrt d + b_{i-j}) v, the definition it estimates."""
+    b, h, length, d = 2, 2, 12, 4
+    q, k, v = (torch.randn(b, h, length, d, dtype=torch.float64) for _ in range(3))
+    bias = 0.5 * torch.randn(h, 2 * length - 1, dtype=torch.float64)
+    qf = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(d))  # [b,h,i,j]: feature j of query i
+    kf = torch.eye(length, dtype=torch.float64).expand(b, h, length, length)
+    fast = loglinear_attention(qf, kf, v, rel_bias=bias, causal=causal)
+    ref = toeplitz_softmax_attention_exact(q, k, v, rel_bias=bias, causal=causal)
+    torch.testing.assert_close(fast, ref, **TOL64)
