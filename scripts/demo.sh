@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/emt_is2re_flt}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# One thread: on a shared 2-core machine two threads per process contend and run ~10x slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FLT=.venv/bin/flt-mol
 
 if [ -f "$OUT/metrics.json" ] && [ -f "$OUT/checkpoint.pt" ]; then

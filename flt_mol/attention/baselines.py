@@ -164,20 +164,25 @@ def toeplitz_dense(coeffs: torch.Tensor) -> torch.Tensor:
     return coeffs[..., offsets]
 
 
-def toeplitz_matvec(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def toeplitz_matvec(coeffs: torch.Tensor, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``y_i = sum_j t_{i-j} x_j`` in O(L log L) by embedding T in a 2L circulant and using the FFT.
 
     The circulant's first column is ``[t_0, t_1, .., t_{L-1}, 0, t_{-(L-1)}, .., t_{-1}]``; its
     product with ``[x, 0]`` equals ``T x`` on the first L rows. The sequence is the last axis
     (contiguous FFTs are ~2x faster than strided ones on CPU).
 
-    Shapes: ``coeffs [..., 2L-1]`` (broadcast against x's leading dims), ``x [..., L]`` -> ``[..., L]``.
+    The FFT's rounding error is relative to the largest entry of the whole output (not of each
+    row), so rows much smaller than the largest lose relative accuracy: ``dtype`` (default: x's,
+    at least float32) sets the precision the transform runs in.
+
+    Shapes: ``coeffs [..., 2L-1]`` (broadcast against x's leading dims), ``x [..., L]`` -> ``[..., L]``
+    (in ``dtype``).
     """
     length = x.shape[-1]
     if coeffs.shape[-1] != 2 * length - 1:
         raise ValueError(f"coeffs must have 2L-1 = {2 * length - 1} entries, got {coeffs.shape[-1]}")
     n = 2 * length
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = dtype if dtype is not None else torch.promote_types(x.dtype, torch.float32)
     col = torch.cat(
         [coeffs[..., length - 1 :], coeffs.new_zeros(coeffs.shape[:-1] + (1,)), coeffs[..., : length - 1]],
         dim=-1,
@@ -194,6 +199,7 @@ def loglinear_attention(
     *,
     rel_bias: torch.Tensor,
     causal: bool = False,
+    fft_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Kernelized attention with a Toeplitz RPE (Luo et al. 2021), O(L log L m e).
 
@@ -202,19 +208,25 @@ def loglinear_attention(
     the ``m (e + 1)`` channels of ``phi(k_j) (x) [v_j, 1]``. Memory O(L m e): the cost the paper
     contrasts with FLT's O(L (m + r) + m e).
 
+    ``fft_dtype``: precision of the Toeplitz products (default: the features', at least float32).
+    In float32 the FFT's error, relative to the largest prefix sum of the sequence, can exceed the
+    small denominators of early causal rows and make them <= 0: training then diverges (observed
+    here after ~170 steps); :class:`LogLinearAttention` therefore uses float64.
+
     Shapes: ``qf [b,h,L,m]``, ``kf [b,h,L,m]`` (zero on padded keys), ``v [b,h,L,e]``,
     ``rel_bias [h, 2L-1]`` ordered ``b_{-(L-1)} .. b_{L-1}`` -> ``[b,h,L,e]``.
     """
     b, h, length, m = qf.shape
     e = v.shape[-1]
     coeffs = _toeplitz_exp(rel_bias, causal=causal)[None, :, None]  # [1,h,1,2L-1]
-    dtype = torch.promote_types(qf.dtype, torch.float32)
+    dtype = fft_dtype if fft_dtype is not None else torch.promote_types(qf.dtype, torch.float32)
     v1 = torch.cat([v.to(dtype), v.new_ones(b, h, length, 1, dtype=dtype)], dim=-1)  # [b,h,L,e+1]
     # Channels first, sequence last: [b, h, m (e+1), L].
     kv = torch.einsum("bhjm,bhje->bhmej", kf.to(dtype), v1).reshape(b, h, m * (e + 1), length)
-    z = toeplitz_matvec(coeffs, kv).reshape(b, h, m, e + 1, length)
+    z = toeplitz_matvec(coeffs, kv, dtype=dtype).reshape(b, h, m, e + 1, length)
     out = torch.einsum("bhim,bhmei->bhie", qf.to(dtype), z)
-    return out[..., :e] / out[..., e:].clamp_min(torch.finfo(dtype).tiny)
+    out = out[..., :e] / out[..., e:].clamp_min(torch.finfo(dtype).tiny)
+    return out.to(torch.promote_types(qf.dtype, torch.float32))
 
 
 def _toeplitz_exp(rel_bias: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -384,6 +396,9 @@ class LogLinearAttention(_ProjectedAttention):
         causal: attend only to ``j <= i`` (``exp(b_{i-j}) = 0`` for ``j > i``).
         max_len: longest sequence; the bias holds ``2 max_len - 1`` offsets per head.
         num_features: FAVOR+ features m.
+        fft_dtype: precision of the FFT Toeplitz products. float64 by default: in float32 the
+            FFT rounding made early causal denominators <= 0 and training diverged (see
+            :func:`loglinear_attention`); it doubles the FFT's time and memory.
 
     Shapes: ``x [B,L,D]``, ``pos`` ignored (Toeplitz in the token index),
     ``padding_mask [B,L]`` (True = pad) -> ``[B,L,D]``.
@@ -397,6 +412,7 @@ class LogLinearAttention(_ProjectedAttention):
         causal: bool = False,
         max_len: int = 4096,
         num_features: int = 64,
+        fft_dtype: torch.dtype = torch.float64,
     ):
         super().__init__(embed_dim, num_heads)
         if max_len < 1:
@@ -404,6 +420,7 @@ class LogLinearAttention(_ProjectedAttention):
         self.causal = causal
         self.max_len = max_len
         self.num_features = num_features
+        self.fft_dtype = fft_dtype
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, 2 * max_len - 1))
         self.feature_map = FavorPlusFeatureMap(self.head_dim, num_features)
         self.reset_parameters()
@@ -421,7 +438,7 @@ class LogLinearAttention(_ProjectedAttention):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
-            f"max_len={self.max_len}, num_features={self.num_features}"
+            f"max_len={self.max_len}, num_features={self.num_features}, fft_dtype={self.fft_dtype}"
         )
 
     def bias_for_length(self, length: int) -> torch.Tensor:
@@ -443,6 +460,7 @@ class LogLinearAttention(_ProjectedAttention):
         qf = self.feature_map(q * scale, is_query=True)
         kf = self.feature_map(k * scale, is_query=False, padding_mask=padding_mask)
         out = loglinear_attention(
-            qf, kf, v, rel_bias=self.bias_for_length(x.shape[1]), causal=self.causal
+            qf, kf, v, rel_bias=self.bias_for_length(x.shape[1]), causal=self.causal,
+            fft_dtype=self.fft_dtype,
         )
         return self._merge(out, x, padding_mask)

@@ -246,7 +246,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    for s in args.splits if args.splits else EMT_SPLITS:
+    splits = args.splits if args.splits else list(EMT_SPLITS)
+    for s in splits:
+        try:
+            _check_split(s)
+        except ValueError as err:
+            print(f"flt-mol dataset build: {err}", file=sys.stderr)
+            return 2
+    for s in splits:
         print(f"{s}: {emt_is2re(s, root=args.root, source=args.source)}")
     return 0
 

@@ -152,6 +152,14 @@ def test_missing_shipped_file_is_reported(tmp_path):
         emt_is2re("train", root=tmp_path, source=tmp_path)
 
 
+def test_cli_build_rejects_bad_split(tmp_path, capsys):
+    from flt_mol.cli import main
+
+    assert main(["dataset", "build", "val", "--root", str(tmp_path)]) == 2
+    assert "valid splits" in capsys.readouterr().err
+    assert not (tmp_path / "emt_is2re").exists()
+
+
 def test_cli_info_prints_every_split(capsys):
     from flt_mol.cli import main
 
