@@ -5,7 +5,7 @@
   model applies it (``FLTAttention.attention_weights``: ``phi(Q^)_i . phi(K^)_j`` row-normalised),
   one PNG per head plus an overview, for one block of the training text (as in the paper) or the
   validation text; and the **locality statistic** (:func:`locality_statistic`) written to
-  ``DIR/locality.json``. The paper reports 0.279 (nearest 10%) / 0.068 (farthest 10%) on
+  ``DIR/layer{L}_locality.json``. The paper reports 0.279 (nearest 10%) / 0.068 (farthest 10%) on
   WikiText-103; uniform attention gives 0.1 / 0.1.
 * ``flt-mol viz local-rpe --out DIR`` (paper Fig. 4): 2D local RPE masks ``f(dr)`` evaluated with
   ``LocalRPE.mask`` on a grid: the box ``C 1[|dr1| <= v1] 1[|dr2| <= v2]`` (lattice) and the
@@ -191,9 +191,13 @@ def cmd_attention_maps(args: argparse.Namespace) -> int:
     cols = min(heads, 4)
     rows = math.ceil(heads / cols)
     overview, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    # Colour scale clipped at the 99th percentile of the visible entries: the first rows (a query
+    # with one or two visible keys) would otherwise saturate it.
+    visible = torch.ones(attn.shape[-2:], dtype=torch.bool).tril()
+    vmax = [float(torch.quantile(attn[h][visible], 0.99)) for h in range(attn.shape[0])]
     for h in range(heads):
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        im = ax.imshow(attn[h].numpy(), cmap="viridis", interpolation="nearest")
+        im = ax.imshow(attn[h].numpy(), cmap="viridis", interpolation="nearest", vmin=0.0, vmax=vmax[h])
         fig.colorbar(im, ax=ax, fraction=0.046)
         ax.set_title(f"layer {args.layer}, head {h}: near {near[h]:.3f} / far {far[h]:.3f}")
         ax.set_xlabel("key j")
@@ -201,7 +205,7 @@ def cmd_attention_maps(args: argparse.Namespace) -> int:
         _save(fig, out / f"layer{args.layer}_head{h}.png")
         plt.close(fig)
         a = axes[h // cols][h % cols]
-        a.imshow(attn[h].numpy(), cmap="viridis", interpolation="nearest")
+        a.imshow(attn[h].numpy(), cmap="viridis", interpolation="nearest", vmin=0.0, vmax=vmax[h])
         a.set_title(f"head {h}")
         a.axis("off")
     for h in range(heads, rows * cols):
@@ -221,10 +225,10 @@ def cmd_attention_maps(args: argparse.Namespace) -> int:
         "uniform_reference": 0.1,
         "paper_wikitext103": {"near_10pct": 0.279, "far_10pct": 0.068},
     }
-    _write_json(stats, out / "locality.json")
+    _write_json(stats, out / f"layer{args.layer}_locality.json")
     print(f"layer {args.layer}: mean attention on the nearest 10% of tokens {stats['near_10pct']:.3f}, "
           f"on the farthest 10% {stats['far_10pct']:.3f} (uniform 0.100; paper 0.279 / 0.068)")
-    print(f"wrote {heads} head maps, the overview and locality.json to {out}")
+    print(f"wrote {heads} head maps, the overview and layer{args.layer}_locality.json to {out}")
     return 0
 
 
@@ -296,7 +300,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("attention-maps", help="per-head attention maps of a trained FLT LM and the locality statistic")
     a.add_argument("checkpoint", type=Path, help="LM checkpoint (best.pt / checkpoint.pt)")
-    a.add_argument("--out", type=Path, required=True, help="output folder for PNGs and locality.json")
+    a.add_argument("--out", type=Path, required=True, help="output folder for the PNGs and layerL_locality.json")
     a.add_argument("--layer", type=int, default=0, help="block whose attention is drawn (paper: the first)")
     a.add_argument("--split", choices=("train", "val"), default="train", help="where the sequence comes from")
     a.add_argument("--index", type=int, default=0, help="which block of that split")

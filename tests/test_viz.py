@@ -82,7 +82,7 @@ def test_commands_write_figures(tmp_path):
     out = tmp_path / "maps"
     assert main(["viz", "attention-maps", str(tmp_path / "run" / "best.pt"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["layer0_head0.png", "layer0_head1.png", "layer0_heads.png"]
-    stats = json.loads((out / "locality.json").read_text())
+    stats = json.loads((out / "layer0_locality.json").read_text())
     assert stats["length"] == 32 and len(stats["per_head"]) == 2
     assert 0.0 <= stats["far_10pct"] <= 1.0 and 0.0 <= stats["near_10pct"] <= 1.0
     assert main(["viz", "local-rpe", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "l")]) == 0

@@ -207,6 +207,19 @@ class FLTAttention(nn.Module):
     def _uses_rpe(self) -> bool:
         return self.rpe is not None and self.mode in ("flt", "exact")
 
+    def _project_one(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """One of ``Q d^-1/4`` (0), ``K d^-1/4`` (1), ``V`` (2) as ``[B, H, L, d]``.
+
+        The linear modes project one at a time so that only one ``[B, L, D]`` projection and
+        its features are alive at once (same parameters and result as :meth:`_project`).
+        """
+        B, L, D = x.shape
+        rows = slice(index * D, (index + 1) * D)
+        scale = self.qkv_scale[rows].to(self.qkv.weight.dtype)
+        bias = self.qkv.bias[rows] * scale if self.qkv.bias is not None else None
+        y = nn.functional.linear(x, self.qkv.weight[rows] * scale[:, None], bias)
+        return y.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Q d^-1/4, K d^-1/4, V)``, each ``[B, H, L, d]``.
 
@@ -221,19 +234,41 @@ class FLTAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b h l d]
         return q, k, v
 
-    def _features(self, q, k, pos, padding_mask):
-        """Kernel features ``phi(Q^), phi(K^)`` in fp32, ``[B, H, L, m]``."""
-        qs, ks = _acc(q), _acc(k)  # already scaled by d^-1/4 in _project
+    def _linear_inputs(
+        self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *, with_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(phi(Q^), phi(K^), V)`` for the linear modes; features ``[B, H, L, m]`` in fp32.
+
+        ``Q^ = [n1, Q d^-1/4]`` (flt) or ``Q d^-1/4`` (performer), likewise ``K^``. Q, K and V
+        are projected, mapped and dropped one at a time, so the peak memory stays near one
+        projection plus the features. Projections run under the caller's autocast; the RPE
+        features and kernel maps with autocast off (fp32).
+        """
+        device_type = x.device.type
+        n1 = n2 = None
         if self.mode == "flt":
-            pos = center_positions(
-                pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
-            )
-            n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
-            qs = torch.cat([n1, qs], dim=-1)
-            ks = torch.cat([n2.expand(qs.shape[0], -1, -1, -1), ks], dim=-1)
-        phi_q = self.feature_map(qs, is_query=True)
-        phi_k = self.feature_map(ks, is_query=False, padding_mask=padding_mask)
-        return phi_q, phi_k
+            with torch.autocast(device_type=device_type, enabled=False):
+                pos = center_positions(
+                    pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
+                )
+                n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+        q = self._project_one(x, 0)
+        with torch.autocast(device_type=device_type, enabled=False):
+            q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
+            del q, n1
+            phi_q = self.feature_map(q_hat, is_query=True)
+            del q_hat
+        k = self._project_one(x, 1)
+        with torch.autocast(device_type=device_type, enabled=False):
+            if n2 is not None:
+                k_hat = torch.cat([n2.expand(x.shape[0], -1, -1, -1), _acc(k)], dim=-1)
+            else:
+                k_hat = _acc(k)
+            del k, n2
+            phi_k = self.feature_map(k_hat, is_query=False, padding_mask=padding_mask)
+            del k_hat
+        v = self._project_one(x, 2) if with_values else None
+        return phi_q, phi_k, v
 
     def forward(
         self,
@@ -243,18 +278,22 @@ class FLTAttention(nn.Module):
     ) -> torch.Tensor:
         self._check_inputs(x, pos, padding_mask)
         B, L, D = x.shape
-        q, k, v = self._project(x)
-        out_dtype = v.dtype
-        # Feature maps, RPE features and the sums run in fp32 even under bf16/fp16 autocast.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.mode == "exact":
+        if self.mode == "exact":
+            q, k, v = self._project(x)
+            out_dtype = v.dtype
+            # The logits, mask and softmax run in fp32 even under bf16/fp16 autocast.
+            with torch.autocast(device_type=x.device.type, enabled=False):
                 bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
                 out = softmax_attention(
                     q, k, _acc(v), bias=bias, causal=self.causal, padding_mask=padding_mask,
                     dropout=self.dropout, training=self.training, scale=1.0,
                 )
-            else:
-                phi_q, phi_k = self._features(q, k, pos, padding_mask)
+        else:
+            # Projections run under the caller's autocast; the feature maps, RPE features and
+            # sums run in fp32 (autocast off inside the feature code below).
+            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask)
+            out_dtype = v.dtype
+            with torch.autocast(device_type=x.device.type, enabled=False):
                 keep = None
                 if self.training and self.dropout > 0.0:
                     keep = torch.bernoulli(
@@ -283,15 +322,15 @@ class FLTAttention(nn.Module):
         (``phi(Q^)_i . phi(K^)_j`` normalised), i.e. what the linear attention actually applies.
         """
         self._check_inputs(x, pos, padding_mask)
-        q, k, _ = self._project(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.mode == "exact":
+        if self.mode == "exact":
+            q, k, _ = self._project(x)
+            with torch.autocast(device_type=x.device.type, enabled=False):
                 bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
                 return softmax_attention_weights(
                     _acc(q), _acc(k), bias=bias, causal=self.causal, padding_mask=padding_mask, scale=1.0
                 )
-            phi_q, phi_k = self._features(q, k, pos, padding_mask)
-            return linear_attention_weights(phi_q, phi_k, causal=self.causal, padding_mask=padding_mask)
+        phi_q, phi_k, _ = self._linear_inputs(x, pos, padding_mask, with_values=False)
+        return linear_attention_weights(phi_q, phi_k, causal=self.causal, padding_mask=padding_mask)
 
     def extra_repr(self) -> str:
         return (
