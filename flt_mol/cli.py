@@ -36,15 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         if module_name in seen:
             continue
         seen.add(module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # A module that is not built yet must not break the other commands; anything else
-            # (a bug inside an existing module) is raised.
-            if err.name != module_name:
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

@@ -3,14 +3,12 @@
 ``attention``: speed / peak memory of one pre-LN layer per attention method (paper Fig. 1), see
 :mod:`flt_mol.bench.attention`. ``rpe``: max-norm error of the RPE random features versus r (paper
 Thm 4.2), see :mod:`flt_mol.bench.rpe`. ``data``: the data-pipeline benchmark of
-:mod:`flt_mol.bench.data_pipeline`, added only when that module exists.
+:mod:`flt_mol.bench.data_pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 
 __all__ = ["add_parser"]
 
@@ -33,7 +31,8 @@ def add_parser(subparsers) -> None:
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
-    from flt_mol.bench import attention, rpe  # light modules: heavy imports live in their functions
+    # Light modules: their heavy imports (torch, ase, lmdb) live inside their functions.
+    from flt_mol.bench import attention, data_pipeline, rpe
 
     p = sub.add_parser("attention", help="forward time and peak memory vs length (paper Fig. 1)")
     attention.add_arguments(p)
@@ -43,9 +42,6 @@ def add_parser(subparsers) -> None:
     rpe.add_arguments(p)
     p.set_defaults(func=_run_rpe)
 
-    # The data benchmark is written separately; a missing module means no sub-command.
-    if importlib.util.find_spec("flt_mol.bench.data_pipeline") is not None:
-        data = importlib.import_module("flt_mol.bench.data_pipeline")
-        p = sub.add_parser("data", help="data pipeline throughput")
-        data.add_arguments(p)
-        p.set_defaults(func=data.run)
+    p = sub.add_parser("data", help="data pipeline throughput: read + periodic images + collate")
+    data_pipeline.add_arguments(p)
+    p.set_defaults(func=data_pipeline.run)
