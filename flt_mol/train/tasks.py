@@ -144,6 +144,11 @@ class IS2REDataConfig:
     element_references: bool = True  # subtract a per-element linear fit before normalising
     normalize_energy: bool = True  # then divide (y - mean) by the train std
     displacement_weight: tuple[float, float] = (15.0, 1.0)  # aux loss weight, start -> end (linear)
+    # Rotate every training structure (with its cell and displacements) by a uniform random
+    # rotation. The random-feature attention and context are rotation invariant only in
+    # expectation over the frequencies; with one fixed draw a model can learn the orientation
+    # of the slabs instead of the geometry, and then fails on rotated inputs.
+    random_rotation: bool = False
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -183,6 +188,51 @@ def open_split(spec: str) -> Dataset:
     from flt_mol.data.oc20 import OC20LMDB
 
     return OC20LMDB(resolve_path(spec))
+
+
+def random_rotations(keys: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
+    """Uniform rotations ``[B, 3, 3]``, the ``b``-th drawn from a generator seeded by
+    ``(seed, step, keys[b])`` alone.
+
+    Keyed by structure id (not by position in the batch), so a structure gets the same rotation
+    whatever the number of processes and however the global batch is split; a structure without
+    an id (key < 0) is keyed by its position in this process's batch instead. A normalised 4D
+    Gaussian is a uniform unit quaternion, i.e. a Haar-distributed rotation.
+    """
+    import numpy as np
+
+    quats = []
+    for pos, key in enumerate(keys.tolist()):
+        entropy = [int(seed), int(step), int(key)] if key >= 0 else [int(seed), int(step), 1 << 40, pos]
+        state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+        g = torch.Generator().manual_seed(state)
+        quats.append(torch.randn(4, generator=g, dtype=torch.float64))
+    q = torch.stack(quats)
+    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
+    rot = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=1)
+    return rot.view(-1, 3, 3)
+
+
+def rotate_batch(batch: Any, rot: torch.Tensor) -> Any:
+    """The batch with positions, cells and displacements rotated: ``v -> R v`` per structure.
+
+    Row vectors, so ``pos @ R^T``. Periodic images are translated copies of atoms by lattice
+    vectors, so rotating the collated tokens equals collating the rotated structure.
+
+    Shapes: ``rot [B, 3, 3]``; ``batch.pos [B, L, 3]``, ``batch.cell [B, 3, 3]``.
+    """
+    from dataclasses import replace
+
+    r = rot.to(device=batch.pos.device, dtype=batch.pos.dtype)
+
+    def turn(v: torch.Tensor | None) -> torch.Tensor | None:
+        return None if v is None else torch.einsum("blx,byx->bly", v, r.to(v.dtype))
+
+    return replace(batch, pos=turn(batch.pos), cell=turn(batch.cell), displacement=turn(batch.displacement))
 
 
 def displacement_weight(step: int, *, total_steps: int, start: float, end: float) -> float:
@@ -322,6 +372,8 @@ class IS2RETask(Task):
         (mean over free real atoms and xyz); both means are over the global batch."""
         if batch.y_relaxed is None:
             raise ValueError("training batch has no y_relaxed targets")
+        if self.data.random_rotation:
+            batch = rotate_batch(batch, random_rotations(batch.sid, seed=self.config.run.seed, step=step))
         out = model(batch)
         target = self.normalizer.normalize(batch.y_relaxed, self._reference(batch)).to(out["energy"].dtype)
         err = (out["energy"].float() - target).abs()
