@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch_geometric.data import Data
 
 from flt_mol.data.pbc import PeriodicImages, batched_periodic_images, copy_mask
@@ -86,10 +85,6 @@ class AtomsBatch:
         )
 
 
-def _pad(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return pad_sequence(tensors, batch_first=True)
-
-
 def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None) -> AtomsBatch:
     """Pad OC20 ``Data`` items (see :class:`flt_mol.data.oc20.OC20LMDB`) into an :class:`AtomsBatch`.
 
@@ -101,84 +96,98 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
     if len(items) == 0:
         raise ValueError("collate_atoms: empty list of structures")
     B = len(items)
-    pos_list = [d.pos for d in items]
-    n = torch.tensor([p.shape[0] for p in pos_list], dtype=torch.long)  # [B]
-    pos = _pad(pos_list).float()  # [B, N, 3]
-    N = pos.shape[1]
-    numbers = _pad([d.atomic_numbers for d in items]).long()  # [B, N]
-    tags = _pad([d.tags for d in items]).long()
-    fixed = _pad([d.fixed for d in items]).bool()
-    cell = torch.stack([d.cell.reshape(3, 3) for d in items]).float()  # [B, 3, 3]
-    atom_mask = torch.arange(N)[None, :] < n[:, None]  # [B, N]
+    # One plain dict per item (Data.to_dict: a shallow copy of the fields). Attribute access
+    # on a PyG Data goes through three Python __getattr__ layers, and is needed ~8 times
+    # per item.
+    fields = [d.to_dict() for d in items]
+    counts = [f["pos"].shape[0] for f in fields]
+    N, T = max(counts), sum(counts)
+    n = torch.tensor(counts, dtype=torch.long)  # [B]
+    # Every per-atom field is concatenated once ([T, ...], item after item) and placed with
+    # one index_put: far fewer tensor ops than padding item by item (the batch is small, so
+    # per-op overhead, not arithmetic, sets the cost).
+    pos_flat = torch.cat([f["pos"] for f in fields]).float()  # [T, 3]
+    numbers_flat = torch.cat([f["atomic_numbers"] for f in fields]).long()  # [T]
+    tags_flat = torch.cat([f["tags"] for f in fields]).long()  # [T]
+    fixed_flat = torch.cat([f["fixed"] for f in fields]).bool()  # [T]
+    cells = [f["cell"] for f in fields]
+    cell = torch.cat([c if c.dim() == 3 else c.reshape(1, 3, 3) for c in cells]).float()
+    cell = cell.reshape(B, 3, 3)
+    b_of_atom = torch.repeat_interleave(n)  # [T]: structure of each atom
+    starts = torch.cumsum(n, 0) - n  # [B]: first flat index of each structure
+    atom_of = torch.arange(T) - starts[b_of_atom]  # [T]: index within its structure
 
-    keys = [d.keys() for d in items]
-    has_relaxed = all("pos_relaxed" in k for k in keys)
-    has_y = all("y_relaxed" in k for k in keys)
+    has_relaxed = all("pos_relaxed" in f for f in fields)
+    has_y = all("y_relaxed" in f for f in fields)
     y_relaxed = (
-        torch.tensor([float(d.y_relaxed) for d in items], dtype=torch.float32) if has_y else None
+        torch.tensor([float(f["y_relaxed"]) for f in fields], dtype=torch.float32)
+        if has_y
+        else None
     )
-    sid = torch.tensor(
-        [int(d.sid) if "sid" in k else -1 for d, k in zip(items, keys)], dtype=torch.long
-    )
+    sid = torch.tensor([int(f["sid"]) if "sid" in f else -1 for f in fields], dtype=torch.long)
 
     if images is not None and len(images.shifts) > 0:
-        centre_mask = atom_mask & torch.isin(
-            tags, torch.tensor(images.centre_tags, dtype=torch.long)
-        )
+        # The image search works on the padded [B, N] layout; padding rows are masked out.
+        padded = b_of_atom * N + atom_of  # [T]: flat index into [B, N]
+        pos = pos_flat.new_zeros(B * N, 3)
+        pos[padded] = pos_flat
+        centre_mask = torch.zeros(B * N, dtype=torch.bool)
+        centre_mask[padded] = torch.isin(tags_flat, torch.tensor(images.centre_tags, dtype=torch.long))
+        atom_mask = torch.zeros(B * N, dtype=torch.bool)
+        atom_mask[padded] = copy_mask(tags_flat, images)
         image_pos, keep, _ = batched_periodic_images(
-            pos=pos,
+            pos=pos.view(B, N, 3),
             cell=cell,
-            centre_mask=centre_mask,
-            atom_mask=atom_mask & copy_mask(tags, images),
+            centre_mask=centre_mask.view(B, N),
+            atom_mask=atom_mask.view(B, N),
             shifts=images.shift_tensor(),
             cutoff=images.cutoff,
             max_images=images.max_images,
         )
-        keep = keep.reshape(B, -1)  # [B, K*N], ordered shift-major
-        m = keep.sum(dim=1)  # [B]
+        # Kept images in (structure, shift, atom) order: nonzero lists them that way.
+        b_img, k_img, i_img = keep.nonzero(as_tuple=True)  # [M] each
+        m = torch.bincount(b_img, minlength=B)  # [B]
+        rank = torch.arange(b_img.shape[0]) - (torch.cumsum(m, 0) - m)[b_img]  # [M]
+        img_dest = n[b_img] + rank  # [M]: token index, after the structure's real atoms
+        img_src = starts[b_img] + i_img  # [M]: flat index of the source atom
+        img_pos = image_pos[b_img, k_img, i_img]  # [M, 3]
     else:
-        keep = None
+        b_img = img_dest = img_src = torch.zeros(0, dtype=torch.long)
+        img_pos = pos_flat.new_zeros(0, 3)
         m = torch.zeros(B, dtype=torch.long)
     total = n + m
     L = int(total.max())
 
-    out_pos = pos.new_zeros(B, L, 3)
-    out_pos[:, :N] = pos
-    out_numbers = numbers.new_zeros(B, L)
-    out_numbers[:, :N] = numbers
-    out_tags = tags.new_zeros(B, L)
-    out_tags[:, :N] = tags
-    out_fixed = fixed.new_zeros(B, L)
-    out_fixed[:, :N] = fixed
-    is_image = torch.zeros(B, L, dtype=torch.bool)
+    # Tokens: the T real atoms, then the M images; one flat index into [B, L] for all.
+    dest = torch.cat([b_of_atom * L + atom_of, b_img * L + img_dest])  # [T + M]
+    src = torch.cat([torch.arange(T), img_src])  # [T + M]: flat atom each token copies
 
-    if keep is not None and bool(m.any()):
-        b_idx, flat_idx = keep.nonzero(as_tuple=True)
-        rank = keep.long().cumsum(dim=1) - 1  # [B, K*N]: index among kept images
-        dest = n[b_idx] + rank[b_idx, flat_idx]
-        src = flat_idx % N
-        out_pos[b_idx, dest] = image_pos.reshape(B, -1, 3)[b_idx, flat_idx]
-        out_numbers[b_idx, dest] = numbers[b_idx, src]
-        out_tags[b_idx, dest] = tags[b_idx, src]
-        out_fixed[b_idx, dest] = fixed[b_idx, src]
-        is_image[b_idx, dest] = True
-
+    out_pos = pos_flat.new_zeros(B * L, 3)
+    out_pos[dest] = torch.cat([pos_flat, img_pos])
+    out_numbers = numbers_flat.new_zeros(B * L)
+    out_numbers[dest] = numbers_flat[src]
+    out_tags = tags_flat.new_zeros(B * L)
+    out_tags[dest] = tags_flat[src]
+    out_fixed = fixed_flat.new_zeros(B * L)
+    out_fixed[dest] = fixed_flat[src]
+    is_image = torch.zeros(B * L, dtype=torch.bool)
+    is_image[dest[T:]] = True
     padding_mask = torch.arange(L)[None, :] >= total[:, None]
 
     displacement = None
     if has_relaxed:
-        relaxed = _pad([d.pos_relaxed for d in items]).float()  # [B, N, 3]
-        displacement = pos.new_zeros(B, L, 3)
-        # Padding rows of both are zero, so the difference is zero there too.
-        displacement[:, :N] = relaxed - pos
+        relaxed_flat = torch.cat([f["pos_relaxed"] for f in fields]).float()  # [T, 3]
+        displacement = pos_flat.new_zeros(B * L, 3)
+        displacement[dest[:T]] = relaxed_flat - pos_flat
+        displacement = displacement.view(B, L, 3)
 
     return AtomsBatch(
-        atomic_numbers=out_numbers,
-        pos=out_pos,
-        tags=out_tags,
-        fixed=out_fixed,
+        atomic_numbers=out_numbers.view(B, L),
+        pos=out_pos.view(B, L, 3),
+        tags=out_tags.view(B, L),
+        fixed=out_fixed.view(B, L),
         padding_mask=padding_mask,
-        is_image=is_image,
+        is_image=is_image.view(B, L),
         natoms=n,
         cell=cell,
         y_relaxed=y_relaxed,

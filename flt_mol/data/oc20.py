@@ -68,6 +68,7 @@ LMDB_READ_KWARGS: dict[str, Any] = dict(
 _LENGTH_KEY = b"length"
 MAX_ATOMIC_NUMBER = 118
 _REQUIRED_FIELDS = ("pos", "cell", "atomic_numbers", "tags", "fixed")
+_ABSENT = object()
 
 
 class OC20FormatError(ValueError):
@@ -80,6 +81,9 @@ class OC20FormatError(ValueError):
 
 
 def _as_scalar(value: Any, *, source: str, field: str, kind: type) -> int | float:
+    # What the writer stores (and so nearly every entry holds): a Python int / finite float.
+    if type(value) is kind and (kind is int or math.isfinite(value)):
+        return value
     if torch.is_tensor(value) or isinstance(value, np.ndarray):
         size = value.numel() if torch.is_tensor(value) else value.size
         if size != 1:
@@ -109,6 +113,24 @@ def _as_tensor(value: Any, *, source: str, field: str) -> torch.Tensor:
     raise OC20FormatError(f"{source}: field {field!r} must be a tensor, got {type(value).__name__}")
 
 
+def _check_finite(t: torch.Tensor, *, source: str, field: str) -> None:
+    # A numpy view of a small CPU tensor: one ufunc + reduction, far cheaper per call than
+    # torch.isfinite(t).all() (``force`` detaches / copies to CPU only when needed).
+    if not np.isfinite(t.numpy(force=True)).all():
+        raise OC20FormatError(f"{source}: field {field!r} has non-finite values")
+
+
+def _check_atomic_numbers(numbers: torch.Tensor, *, source: str) -> None:
+    z = numbers.numpy(force=True)
+    # min/max first: two reductions decide the range (NaN fails both comparisons).
+    if z.min() >= 1 and z.max() <= MAX_ATOMIC_NUMBER and (z == np.rint(z)).all():
+        return
+    ok = (z >= 1) & (z <= MAX_ATOMIC_NUMBER) & (z == np.rint(z))
+    raise OC20FormatError(
+        f"{source}: field 'atomic_numbers' holds {z[~ok][0]!r}, not an element (1..118)"
+    )
+
+
 def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
     """Check one OC20 structure and normalise dtypes in place; return it.
 
@@ -125,14 +147,20 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
         OC20FormatError: naming ``source`` and the field.
     """
     store = data._store
+    # Reads go to the plain dict behind PyG's storage: its __getitem__ / __contains__ are
+    # Python methods, and this function makes ~30 lookups per structure. Writes still go
+    # through the storage (which keeps its attribute caches consistent).
+    mapping = store._mapping
     for field in _REQUIRED_FIELDS:
-        if field not in store:
+        if field not in mapping:
             raise OC20FormatError(f"{source}: required field {field!r} is missing")
     # Only changed values are written back: PyG's storage __setitem__ is slow (cache pops).
     updates: dict[str, Any] = {}
 
     def normalised(field: str, dtype: torch.dtype) -> torch.Tensor:
-        value = store[field]
+        value = mapping[field]
+        if type(value) is torch.Tensor and value.dtype == dtype:  # as written: nothing to do
+            return value
         t = _as_tensor(value, source=source, field=field)
         if t.dtype != dtype:
             t = t.to(dtype)
@@ -156,7 +184,7 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
     numbers = normalised("atomic_numbers", torch.float32)
     tags = normalised("tags", torch.long)
     fixed = normalised("fixed", torch.float32)
-    pos_relaxed = normalised("pos_relaxed", torch.float32) if "pos_relaxed" in store else None
+    pos_relaxed = normalised("pos_relaxed", torch.float32) if "pos_relaxed" in mapping else None
     if check:
         for field, t in (("atomic_numbers", numbers), ("tags", tags), ("fixed", fixed)):
             if t.shape != (n,):
@@ -169,29 +197,25 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
                 f"{source}: field 'pos_relaxed' must have shape [{n}, 3], "
                 f"got {tuple(pos_relaxed.shape)}"
             )
-        # numpy views of these small CPU tensors: far cheaper per call than torch ops.
-        for field, t in (("pos", pos), ("cell", cell), ("pos_relaxed", pos_relaxed)):
-            if t is not None and not np.isfinite(t.detach().cpu().numpy()).all():
-                raise OC20FormatError(f"{source}: field {field!r} has non-finite values")
-        z = numbers.detach().cpu().numpy()
-        ok = (z >= 1) & (z <= MAX_ATOMIC_NUMBER) & (z == np.round(z))
-        if not ok.all():
-            raise OC20FormatError(
-                f"{source}: field 'atomic_numbers' holds {z[~ok][0]!r}, not an element (1..118)"
-            )
+        _check_finite(pos, source=source, field="pos")
+        _check_finite(cell, source=source, field="cell")
+        if pos_relaxed is not None:
+            _check_finite(pos_relaxed, source=source, field="pos_relaxed")
+        _check_atomic_numbers(numbers, source=source)
 
-    if "natoms" in store:
-        natoms = _as_scalar(store["natoms"], source=source, field="natoms", kind=int)
+    # A sentinel, not None: a field present with the value None is reported, not skipped.
+    current = mapping.get("natoms", _ABSENT)
+    if current is not _ABSENT:
+        natoms = _as_scalar(current, source=source, field="natoms", kind=int)
         if check and natoms != n:
             raise OC20FormatError(f"{source}: field 'natoms' is {natoms} but 'pos' has {n} atoms")
     else:
         natoms = n
-    current = store["natoms"] if "natoms" in store else None
     if type(current) is not int or current != natoms:
         updates["natoms"] = natoms
     for field, kind in (("y_init", float), ("y_relaxed", float), ("sid", int)):
-        if field in store:
-            value = store[field]
+        value = mapping.get(field, _ABSENT)
+        if value is not _ABSENT:
             scalar = _as_scalar(value, source=source, field=field, kind=kind)
             if type(value) is not kind:
                 updates[field] = scalar

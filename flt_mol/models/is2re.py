@@ -5,7 +5,9 @@ Reference: Shi et al. 2022, "Benchmarking Graphormer on large-scale molecular mo
 (Choromanski et al., FourierLearner-Transformers) so that every part of the model is linear in
 the number of atoms (structure plus periodic images).
 
-For a structure with atoms i (real atoms, then periodic-image tokens, then padding)::
+For a structure with atoms i (real atoms, then periodic-image tokens, then padding), positions
+first expressed in the orthonormal frame of its cell (``r <- r F``, :func:`cell_frame`; exact
+rotation invariance whatever the random features)::
 
     h_i^0 = Emb_Z(z_i) + Emb_tag(t_i) + W_c c_i,      c_i[c] = sum_{j != i} f_c(r_i - r_j)
     h^{k+1} = Stack(h^k; r)   for k = 0 .. blocks-1     (the same L pre-LN layers each time)
@@ -32,6 +34,7 @@ from torch import nn
 from flt_mol.models.blocks import TransformerBlock
 
 __all__ = [
+    "cell_frame",
     "IS2REModel",
     "IS2REModelConfig",
     "gaussian_context",
@@ -70,6 +73,11 @@ class IS2REModelConfig:
     num_elements: int = 100
     num_tags: int = 3
     displacement_head: bool = True
+    # "cell": express positions in the orthonormal frame of each structure's cell before any
+    # random feature sees them (see cell_frame), so predictions are exactly invariant to
+    # rotating a structure together with its cell. "none": raw coordinates; the random-feature
+    # attention and context are then rotation invariant only in expectation over feature draws.
+    frame: str = "cell"
 
     def validate(self) -> None:
         from flt_mol.train.config import ConfigError
@@ -79,6 +87,8 @@ class IS2REModelConfig:
         for name in ("rpe_sampler", "context_sampler"):
             if getattr(self, name) not in ("gaussian", "mixture", "standard"):
                 raise ConfigError(f"model.{name} must be gaussian, mixture or standard, got {getattr(self, name)!r}")
+        if self.frame not in ("cell", "none"):
+            raise ConfigError(f"model.frame must be 'cell' or 'none', got {self.frame!r}")
         if self.context not in ("features", "exact"):
             raise ConfigError(f"model.context must be 'features' or 'exact', got {self.context!r}")
         if self.embed_dim % self.num_heads != 0:
@@ -94,6 +104,30 @@ class IS2REModelConfig:
 # --------------------------------------------------------------------------------------------
 # Pure functions (linear form beside its O(L^2) reference)
 # --------------------------------------------------------------------------------------------
+
+
+def cell_frame(cell: torch.Tensor) -> torch.Tensor:
+    """Right-handed orthonormal frame of each cell, as columns ``[e1, e2, e3]``.
+
+    ``e1 = a/|a|``, ``e3 = (a x b)/|a x b|`` (the slab normal for OC20 cells, periodic in the
+    a-b plane), ``e2 = e3 x e1``, with ``a``, ``b`` the first two lattice vectors (rows of the
+    cell). Rotating a structure with its cell, ``r -> R r`` and ``cell -> cell R^T``, turns the
+    frame into ``R F``, so the local coordinates ``r @ F`` do not change: every quantity computed
+    from them (random features included) is exactly rotation invariant. Cells with a degenerate
+    ``a`` or ``a x b`` (no cell, or a non-periodic placeholder) get the identity frame.
+
+    Shapes: ``cell [B, 3, 3]`` -> ``[B, 3, 3]``.
+    """
+    a, b = cell[:, 0].double(), cell[:, 1].double()
+    cross = torch.linalg.cross(a, b)
+    na, nc = a.norm(dim=-1, keepdim=True), cross.norm(dim=-1, keepdim=True)
+    ok = (na[:, 0] > 1e-6) & (nc[:, 0] > 1e-6 * na[:, 0].clamp_min(1e-6) ** 2)
+    e1 = a / na.clamp_min(1e-12)
+    e3 = cross / nc.clamp_min(1e-12)
+    e2 = torch.linalg.cross(e3, e1)
+    frame = torch.stack([e1, e2, e3], dim=-1)  # columns
+    eye = torch.eye(3, dtype=frame.dtype, device=frame.device).expand_as(frame)
+    return torch.where(ok[:, None, None], frame, eye).to(cell.dtype)
 
 
 def gaussian_context(n1: torch.Tensor, n2: torch.Tensor, *, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -274,6 +308,10 @@ class IS2REModel(nn.Module):
     def forward(self, batch: Any) -> dict[str, torch.Tensor | None]:
         z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
         pad = batch.padding_mask
+        frame = None
+        if self.config.frame == "cell":
+            frame = cell_frame(batch.cell).to(pos.dtype)  # [B, 3, 3]
+            pos = torch.einsum("blx,bxk->blk", pos, frame)  # local coordinates r @ F
         real = ~pad & ~batch.is_image  # [B, L]
         exact = self.config.context == "exact"
         if exact:
@@ -303,4 +341,6 @@ class IS2REModel(nn.Module):
                                                       padding_mask=pad)
             else:
                 displacement = displacement_sum(n1, n2, pos=pos, query=q, key=k, padding_mask=pad)
+            if frame is not None:  # back to the input's coordinates: v = v_local @ F^T
+                displacement = torch.einsum("blk,bxk->blx", displacement, frame)
         return {"energy": energy, "displacement": displacement}

@@ -37,7 +37,7 @@ __all__ = [
 
 HELDOUT_SEED = 900_000_000  # held-out functions: seeds HELDOUT_SEED + 1000 d + i
 TUNING_SEED = 800_000_000  # Adam tuning functions: seeds TUNING_SEED + 1000 d + i
-DEFAULT_ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT_ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # Rastrigin favours lr ~ 1
 
 
 def _loss_and_grad(task: Task, params: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +130,12 @@ def tune_adam_lr(run, lrs) -> tuple[float, dict[float, float]]:
 
 def _summary(curves: list[list[float]]) -> dict:
     finals = torch.tensor([c[-1] for c in curves])
+    logs = [math.log10(max(c[-1], 1e-12)) for c in curves]
+    # standard error of the mean final log10-loss over the functions (0 for a single function)
+    sem = float(torch.tensor(logs).std() / len(logs) ** 0.5) if len(logs) > 1 else 0.0
     return {
+        "final_log10_losses": logs,  # one per function, in order: paired comparisons across methods
+        "final_log10_loss_sem": sem,
         "final_loss_mean": float(finals.mean()),
         "final_loss_median": float(finals.median()),
         "final_log10_loss_mean": _final_log(curves),

@@ -2,8 +2,11 @@
 
 Per coordinate i and step t (Andrychowicz et al. 2016; Metz et al. 2020; Jain et al. 2023):
 
-- features ``x_t = [pre(g_t), g_t / (sqrt(v_hat_t) + eps)]`` where ``pre`` is the log-magnitude /
-  sign preprocessing of :func:`preprocess_gradient` and ``v`` the RMS moving average of ``g^2``;
+- features ``x_t = [pre(g_t), g_t / (sqrt(v_hat_t) + eps), tanh(t / tau_1), ..., tanh(t / tau_J)]``
+  where ``pre`` is the log-magnitude / sign preprocessing of :func:`preprocess_gradient`, ``v`` the
+  RMS moving average of ``g^2`` and the optional time features (``time_scales`` tau_j, as in Metz et
+  al. 2020) tell the rule how far the run is, so it can learn a schedule: a windowed attention memory
+  otherwise cannot tell step 40 from step 400;
 - memory ``h_t = M(x_1..x_t)`` (:mod:`flt_mol.optim.memory`: FLT, Performer, exact or LSTM);
 - head ``(d_t, s_t) = head(h_t)`` and update
   ``delta_t = -exp(log_lr + r tanh(s_t)) g_t / (sqrt(v_hat_t) + eps) + output_scale * d_t``.
@@ -114,6 +117,7 @@ class LearnedOptimizerConfig:
         output_scale: scale of the head's direction output ``d`` in the update.
         log_lr_range: r, bound on the memory's log step-size multiplier ``r tanh(s)`` (0 disables it).
         preprocess_p: ``p`` of :func:`preprocess_gradient`.
+        time_scales: tau_j of the time features ``tanh(t / tau_j)`` (empty: none).
     """
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -123,8 +127,12 @@ class LearnedOptimizerConfig:
     output_scale: float = 1e-2
     log_lr_range: float = 3.0
     preprocess_p: float = 10.0
+    time_scales: list[float] = field(default_factory=list)
 
     def __post_init__(self):
+        self.time_scales = [float(tau) for tau in self.time_scales]
+        if any(not tau > 0 for tau in self.time_scales):
+            raise ValueError(f"LearnedOptimizerConfig.time_scales must all be > 0, got {self.time_scales}")
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
         if self.nominal_lr < 0:
@@ -173,12 +181,12 @@ class LearnedUpdateRule(nn.Module):
     ``step []``, ``v [N]`` and ``memory`` (the memory's own state dict of tensors).
     """
 
-    num_features = 3
     eps = 1e-8
 
     def __init__(self, config: LearnedOptimizerConfig):
         super().__init__()
         self.config = config
+        self.num_features = 3 + len(config.time_scales)
         self.memory = build_memory(config.memory, self.num_features)
         self.head = nn.Sequential(
             nn.Linear(config.memory.hidden_dim, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 2)
@@ -205,9 +213,15 @@ class LearnedUpdateRule(nn.Module):
             "memory": self.memory.initial_state(num_coords, device=device, dtype=dtype),
         }
 
-    def features(self, grad: torch.Tensor, normalised: torch.Tensor) -> torch.Tensor:
-        """``[pre(g), g / rms]`` -> ``[N, 3]``."""
-        return torch.cat([preprocess_gradient(grad, p=self.config.preprocess_p), normalised.unsqueeze(-1)], dim=-1)
+    def features(self, grad: torch.Tensor, normalised: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+        """``[pre(g), g / rms, tanh(step / tau_j)...]`` -> ``[N, num_features]`` (``step``: 1 at the first step)."""
+        parts = [preprocess_gradient(grad, p=self.config.preprocess_p), normalised.unsqueeze(-1)]
+        if self.config.time_scales:
+            if step is None:
+                raise ValueError("LearnedUpdateRule.features: this rule has time features, pass step")
+            taus = torch.tensor(self.config.time_scales, dtype=grad.dtype, device=grad.device)  # [J]
+            parts.append(torch.tanh(step.to(grad.dtype) / taus).expand(grad.shape[0], -1))  # [N, J]
+        return torch.cat(parts, dim=-1)
 
     def forward(self, grad: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         if grad.dim() != 1:
@@ -221,7 +235,7 @@ class LearnedUpdateRule(nn.Module):
         v = beta * state["v"] + (1.0 - beta) * grad.square()  # [N]
         v_hat = v / (1.0 - beta ** step.to(v.dtype))
         normalised = grad / (v_hat.sqrt() + self.eps)  # [N], |.| <= 1/sqrt(1-beta)
-        h, memory_state = self.memory.step(self.features(grad, normalised), state["memory"])  # [N, D]
+        h, memory_state = self.memory.step(self.features(grad, normalised, step), state["memory"])  # [N, D]
         direction, log_scale = self.head(h).unbind(-1)  # [N], [N]
         update = self.config.output_scale * direction
         if self.use_nominal:

@@ -47,6 +47,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "flt_mol.optim.meta/1"
 META_KINDS = ("coordinate", "swarm")
+SWARM_META_LOSSES = ("mean", "best")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class MetaTrainConfig:
         parallel_tasks: workers per meta-update.
         grad_clip: meta-gradient norm clip.
         loss_eps: ``eps`` inside the log meta-loss.
+        swarm_meta_loss: which population loss enters the swarm's meta-loss at each step:
+            ``mean`` (mean over members) or ``best`` (the best member's, ``min_k f_k``: the quantity
+            the evaluation reports, so the population is free to keep exploring members).
         seed: seeds the rule init, the tasks and the random features.
         checkpoint_every, log_every: in meta-iterations.
     """
@@ -79,6 +83,7 @@ class MetaTrainConfig:
     parallel_tasks: int = 4
     grad_clip: float = 1.0
     loss_eps: float = 1e-6
+    swarm_meta_loss: str = "mean"
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
@@ -92,6 +97,10 @@ class MetaTrainConfig:
         if self.horizon < self.unroll_length:
             raise ValueError(
                 f"MetaTrainConfig.horizon ({self.horizon}) must be >= unroll_length ({self.unroll_length})"
+            )
+        if self.swarm_meta_loss not in SWARM_META_LOSSES:
+            raise ValueError(
+                f"MetaTrainConfig.swarm_meta_loss must be one of {SWARM_META_LOSSES}, got {self.swarm_meta_loss!r}"
             )
         if not self.meta_lr > 0 or not self.grad_clip > 0 or not self.loss_eps > 0:
             raise ValueError(
@@ -235,16 +244,22 @@ def _new_worker(config: MetaTrainConfig, rule, seed: int) -> dict:
         params = rule.initial_positions(gen)  # [K, d]
         state = rule.initial_state(dtype=params.dtype)
         with torch.no_grad():
-            initial_loss = float(task.loss(params, 0).mean())
+            losses0 = task.loss(params, 0)
+            initial_loss = float(losses0.mean() if config.swarm_meta_loss == "mean" else losses0.min())
     return {"seed": seed, "step": 0, "params": params, "state": state, "initial_loss": initial_loss}
 
 
-def unroll(rule, task, worker: dict, length: int, *, kind: str, loss_eps: float) -> tuple[torch.Tensor, dict, list[float]]:
+def unroll(
+    rule, task, worker: dict, length: int, *, kind: str, loss_eps: float, swarm_meta_loss: str = "mean"
+) -> tuple[torch.Tensor, dict, list[float]]:
     """Advance one worker by ``length`` steps keeping the graph.
 
     Returns the mean log-loss-ratio meta-loss (differentiable in the rule), the detached worker
-    and the task losses seen (floats; for the swarm, the population's best).
+    and the task losses seen (floats; for the swarm, the population's best). For the swarm the
+    per-step loss is the members' mean (``swarm_meta_loss="mean"``) or minimum (``"best"``).
     """
+    if swarm_meta_loss not in SWARM_META_LOSSES:
+        raise ValueError(f"unroll: swarm_meta_loss must be one of {SWARM_META_LOSSES}, got {swarm_meta_loss!r}")
     l0 = max(worker["initial_loss"], 1e-12)
     params = worker["params"].detach().requires_grad_(True)
     state = worker["state"]
@@ -262,7 +277,10 @@ def unroll(rule, task, worker: dict, length: int, *, kind: str, loss_eps: float)
         params = params + update
         step += 1
         loss = task.loss(params, step)
-        mean_loss = loss if kind == "coordinate" else loss.mean()
+        if kind == "coordinate":
+            mean_loss = loss
+        else:
+            mean_loss = loss.mean() if swarm_meta_loss == "mean" else loss.min()
         terms.append(torch.log(mean_loss / l0 + loss_eps))
         seen.append(float(loss.detach().min()))
     meta_loss = torch.stack(terms).mean()
@@ -339,7 +357,8 @@ def meta_train(
         for i, worker in enumerate(workers):
             task = tasks[worker["seed"]]
             meta_loss, new_worker, _ = unroll(
-                rule, task, worker, config.unroll_length, kind=config.kind, loss_eps=config.loss_eps
+                rule, task, worker, config.unroll_length, kind=config.kind, loss_eps=config.loss_eps,
+                swarm_meta_loss=config.swarm_meta_loss,
             )
             if not torch.isfinite(meta_loss):
                 # a diverged trajectory: drop its contribution and restart the worker on a new task

@@ -12,6 +12,7 @@ from flt_mol.data.collate import PeriodicImages, collate_atoms
 from flt_mol.models.is2re import (
     IS2REModel,
     IS2REModelConfig,
+    cell_frame,
     displacement_sum,
     displacement_sum_exact,
     gaussian_context,
@@ -185,13 +186,58 @@ def test_exact_model_is_rotation_and_translation_invariant(items):
     torch.testing.assert_close(b["displacement"], a["displacement"] @ rot.T, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["flt", "performer"])
-def test_invariance_up_to_feature_noise(items, attention):
-    """Averaged over K feature draws, rotated+translated predictions match the originals within
-    the noise measured across draws: |mean_rot - mean| <= 5 * sqrt(var/K + var_rot/K)."""
+def test_cell_frame_is_orthonormal_right_handed_and_rotates_with_the_cell():
     from e3nn.o3 import rand_matrix
 
-    model = tiny(attention, num_kernel_features=32, num_rpe_features=16)
+    cell = torch.randn(5, 3, 3, dtype=torch.float64)
+    frame = cell_frame(cell)
+    eye = torch.eye(3, dtype=torch.float64).expand(5, 3, 3)
+    torch.testing.assert_close(frame.transpose(1, 2) @ frame, eye)
+    torch.testing.assert_close(torch.linalg.det(frame), torch.ones(5, dtype=torch.float64))
+    a, b = cell[:, 0], cell[:, 1]
+    torch.testing.assert_close(frame[:, :, 0], a / a.norm(dim=-1, keepdim=True))  # e1 along a
+    normal = torch.einsum("bx,bx->b", frame[:, :, 2], a).abs() + torch.einsum("bx,bx->b", frame[:, :, 2], b).abs()
+    assert float(normal.max()) < 1e-12  # e3 is the a-b plane's normal
+    rot = rand_matrix(dtype=torch.float64)
+    torch.testing.assert_close(cell_frame(cell @ rot.T), rot @ frame)
+    # No cell (zeros) or a degenerate one: the identity, never NaN.
+    flat = torch.zeros(2, 3, 3, dtype=torch.float64)
+    flat[1, 0] = flat[1, 1] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(cell_frame(flat), torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
+
+
+@pytest.mark.parametrize("attention", ["flt", "performer", "exact"])
+def test_cell_frame_makes_every_mode_rotation_invariant_per_draw(items, attention):
+    """With ``frame="cell"`` one fixed feature draw already gives invariant energies and
+    equivariant displacements (rotating the structure with its cell, and translating it)."""
+    from e3nn.o3 import rand_matrix
+
+    model = tiny(attention).double()
+    assert model.config.frame == "cell"
+    rot, shift = rand_matrix(), torch.randn(3) * 3
+    batch = collate_atoms(items[:3], images=IMAGES)
+    moved = collate_atoms([_rotate_translate(d, rot, shift) for d in items[:3]], images=IMAGES)
+    for b in (batch, moved):
+        b.pos, b.cell = b.pos.double(), b.cell.double()
+    with torch.no_grad():
+        a, m = model(batch), model(moved)
+    torch.testing.assert_close(m["energy"], a["energy"], rtol=1e-4, atol=1e-5)
+    real = batch.real_mask
+    torch.testing.assert_close(m["displacement"][real], (a["displacement"] @ rot.double().T)[real], rtol=1e-3, atol=1e-5)
+    # Without the frame the same model is not invariant for one draw (the frame does the work).
+    model.config.frame = "none"
+    with torch.no_grad():
+        e0, e1 = model(batch)["energy"], model(moved)["energy"]
+    assert not torch.allclose(e0, e1, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["flt", "performer"])
+def test_invariance_up_to_feature_noise(items, attention):
+    """Without the cell frame, averaged over K feature draws, rotated+translated predictions match
+    the originals within the noise measured across draws: |mean_rot - mean| <= 5 sqrt(var/K + var_rot/K)."""
+    from e3nn.o3 import rand_matrix
+
+    model = tiny(attention, num_kernel_features=32, num_rpe_features=16, frame="none")
     rot, shift = rand_matrix(), torch.randn(3) * 3
     batch = collate_atoms(items[:3], images=IMAGES)
     moved = collate_atoms([_rotate_translate(d, rot, shift) for d in items[:3]], images=IMAGES)

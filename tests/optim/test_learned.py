@@ -152,3 +152,33 @@ def test_local_rpe_needs_integer_step_offsets():
     with pytest.raises(ValueError, match="position_scale"):
         MemoryConfig(kind="flt", rpe="local", position_scale=0.5)
     MemoryConfig(kind="flt", rpe="gaussian_mixture", position_scale=0.5)  # continuous positions are fine
+
+
+def test_time_features_match_definition_and_validate():
+    rule = _rule("lstm", None, time_scales=[10.0, 100.0])
+    assert rule.num_features == 5 and rule.memory.input_dim == 5
+    grad = torch.randn(4)
+    feats = rule.features(grad, grad, torch.tensor(7.0))  # [4, 5]
+    expected = torch.tensor([math.tanh(0.7), math.tanh(0.07)]).expand(4, 2)
+    torch.testing.assert_close(feats[:, 3:], expected)
+    torch.testing.assert_close(feats[:, :2], preprocess_gradient(grad))
+    with pytest.raises(ValueError, match="pass step"):
+        rule.features(grad, grad)
+    # the rule feeds step t = 1, 2, ... to its memory: two steps give two different time features
+    state = rule.initial_state(4)
+    _, state = rule(grad, state)
+    assert float(state["step"]) == 1.0
+    with pytest.raises(ValueError, match="time_scales"):
+        LearnedOptimizerConfig(time_scales=[10.0, 0.0])
+
+
+def test_meta_gradients_reach_every_parameter_with_time_features():
+    rule = _rule("flt", "local", time_scales=[10.0, 100.0])
+    task = QuadraticTask(4, seed=3)
+    params = task.initial_params()
+    worker = {"seed": 3, "step": 0, "params": params, "state": rule.initial_state(params.numel()),
+              "initial_loss": float(task.loss(params, 0))}
+    meta_loss, _, _ = unroll(rule, task, worker, 3, kind="coordinate", loss_eps=1e-6)
+    meta_loss.backward()
+    for name, p in rule.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -51,6 +51,8 @@ def test_overrides_and_unknown_keys(tmp_path):
         _tiny(horizon=2)
     with pytest.raises(ValueError, match="kind"):
         _tiny(kind="population")
+    with pytest.raises(ValueError, match="swarm_meta_loss"):
+        _tiny(kind="swarm", swarm_meta_loss="median")
 
 
 class _Crash(Exception):
@@ -119,3 +121,24 @@ def test_cli_meta_train_and_evaluate(tmp_path):
     assert (ev / "rastrigin_d2.png").is_file()
     with pytest.raises(FileNotFoundError):
         load_rule(tmp_path / "nope.pt")
+
+
+def test_swarm_best_member_meta_loss_is_the_log_min_ratio():
+    from flt_mol.optim.meta import _new_worker, _task_for, build_rule, unroll
+
+    config = _tiny(kind="swarm", swarm_meta_loss="best")
+    rule = build_rule(config)
+    worker = _new_worker(config, rule, 7)
+    task = _task_for(config, 7)
+    with torch.no_grad():
+        l0 = float(task.loss(worker["params"], 0).min())
+    assert worker["initial_loss"] == pytest.approx(l0)
+    meta_loss, new_worker, seen = unroll(rule, task, worker, 2, kind="swarm", loss_eps=config.loss_eps,
+                                         swarm_meta_loss="best")
+    # reference: the mean over the two steps of log(min_k f_k(x_t) / min_k f_k(x_0) + eps)
+    expected = sum(torch.log(torch.tensor(s / l0) + config.loss_eps) for s in seen) / 2
+    assert float(meta_loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    meta_loss.backward()
+    assert all(p.grad is not None for p in rule.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="swarm_meta_loss"):
+        unroll(rule, task, new_worker, 1, kind="swarm", loss_eps=1e-6, swarm_meta_loss="median")
