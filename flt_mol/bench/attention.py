@@ -336,7 +336,7 @@ def ratio_table(rows: list[dict], time_key: str = "forward_s") -> list[str]:
     lengths = sorted({r["length"] for r in rows})
     lines = [
         f"{'L':>6s} {'flt/perf t':>11s} {'flt/perf mem':>13s} {'exact/flt t':>12s} {'exact/flt mem':>14s} "
-        f"{'perf/pp t':>10s} {'flt(2L)/flt(L)':>15s}"
+        f"{'perf/pp t':>10s} {'flt(2L)/flt(L)':>15s} {'loglin/flt t':>13s} {'loglin/flt mem':>15s}"
     ]
 
     def ratio(a, b, key):
@@ -346,13 +346,16 @@ def ratio_table(rows: list[dict], time_key: str = "forward_s") -> list[str]:
         return f"{'-':>{w}s}" if v is None else f"{v:>{w}.2f}"
 
     for L in lengths:
-        flt, perf, ex, pp = (_lookup(rows, m, L) for m in ("flt", "performer", "exact", "performer_pytorch"))
+        flt, perf, ex, pp, ll = (
+            _lookup(rows, m, L) for m in ("flt", "performer", "exact", "performer_pytorch", "loglinear")
+        )
         flt2 = _lookup(rows, "flt", 2 * L)
         t = time_key
         lines.append(
             f"{L:>6d} {fmt(ratio(flt, perf, t), 11)} {fmt(ratio(flt, perf, 'peak_mem_mb'), 13)} "
             f"{fmt(ratio(ex, flt, t), 12)} {fmt(ratio(ex, flt, 'peak_mem_mb'), 14)} "
-            f"{fmt(ratio(perf, pp, t), 10)} {fmt(ratio(flt2, flt, t), 15)}"
+            f"{fmt(ratio(perf, pp, t), 10)} {fmt(ratio(flt2, flt, t), 15)} "
+            f"{fmt(ratio(ll, flt, t), 13)} {fmt(ratio(ll, flt, 'peak_mem_mb'), 15)}"
         )
     return lines
 

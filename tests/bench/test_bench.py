@@ -50,6 +50,9 @@ def test_attention_rows_schema_and_budget_skip(tmp_path, monkeypatch):
     assert "mem-budget-gb" in skipped["reason"]
     table = bench_attention.ratio_table(rows + [dict(ran, method="performer")])
     assert len(table) == 2 and "exact/flt" in table[0] and "1.00" in table[1]
+    slower = dict(ran, method="loglinear", forward_s=3 * ran["forward_s"])
+    table = bench_attention.ratio_table(rows + [slower])
+    assert "loglin/flt t" in table[0] and table[1].split()[-2] == "3.00"
 
 
 def test_unavailable_method_gets_a_null_row(tmp_path, monkeypatch):

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The runs behind the README's result tables, one section per table (after scripts/setup.sh):
+#
+#   bash scripts/experiments.sh is2re       # FLT / Performer / exact on EMT-IS2RE (~10 min each)
+#   bash scripts/experiments.sh crossover   # IS2RE s/step vs tokens, the three attentions
+#   bash scripts/experiments.sh lm          # the seven LM recipes (log-linear: ~30 min alone)
+#   bash scripts/experiments.sh vit         # the three ViT recipes
+#   bash scripts/experiments.sh bench       # attention (Fig. 1), RPE error (Thm 4.2), data pipeline
+#   bash scripts/experiments.sh viz         # LM attention maps + locality, local RPE shapes
+#   bash scripts/experiments.sh optim       # learned optimisers: meta-train + evaluate
+#
+# Everything single-threaded (OMP_NUM_THREADS=1): on this shared 2-core machine two threads per
+# process contend and run slower. Outputs go to runs/ (not versioned).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+FLT=.venv/bin/flt-mol
+PY=.venv/bin/python
+
+section=${1:?usage: scripts/experiments.sh is2re|crossover|lm|vit|bench|viz|optim}
+case "$section" in
+  is2re)
+    for m in flt performer exact; do
+      out=runs/emt_is2re_$m
+      "$FLT" train recipes/emt_is2re_$m.yaml --out "$out"
+      "$FLT" evaluate "$out/checkpoint.pt" --out "$out/eval.json" --plot "$out/parity.png"
+      "$PY" -m flt_mol.train.invariance "$out/checkpoint.pt" --out "$out/invariance.json"
+    done
+    ;;
+  crossover)
+    "$PY" -m flt_mol.train.crossover --recipe recipes/emt_is2re_flt.yaml \
+      --tokens 64 128 256 512 1024 2048 --out runs/is2re_crossover.json
+    ;;
+  lm)
+    for m in flt_gm flt_local performer linear cosformer exact loglinear; do
+      "$FLT" train recipes/lm_$m.yaml --out runs/lm_$m
+    done
+    ;;
+  vit)
+    for m in flt performer cosformer; do
+      "$FLT" train recipes/vit_$m.yaml --out runs/vit_$m
+    done
+    ;;
+  bench)
+    mkdir -p runs/bench
+    "$FLT" bench attention --lengths 512 1024 2048 4096 8192 --batch 2 \
+      --methods flt performer exact loglinear cosformer performer_pytorch \
+      --out runs/bench/attention.json --plot runs/bench/attention.png
+    "$FLT" bench rpe --lengths 128 1024 8192 --out runs/bench/rpe.json --plot runs/bench/rpe.png
+    "$FLT" bench data --out runs/bench/data.json
+    ;;
+  viz)
+    "$FLT" viz attention-maps runs/lm_flt_local/best.pt --out runs/viz/lm_flt_local
+    "$FLT" viz attention-maps runs/lm_flt_gm/best.pt --out runs/viz/lm_flt_gm
+    "$FLT" viz local-rpe --out runs/viz/local_rpe
+    "$FLT" viz local-rpe --checkpoint runs/lm_flt_local/best.pt --out runs/viz/local_rpe_learned
+    ;;
+  optim)
+    for r in flt_local flt_gm performer lstm swarm_flt swarm_performer; do
+      "$FLT" optim meta-train recipes/optim_$r.yaml --out runs/optim/$r
+    done
+    "$FLT" optim evaluate --checkpoint flt_local=runs/optim/flt_local/checkpoint.pt \
+      --checkpoint flt_gm=runs/optim/flt_gm/checkpoint.pt \
+      --checkpoint performer=runs/optim/performer/checkpoint.pt \
+      --checkpoint lstm=runs/optim/lstm/checkpoint.pt --out runs/optim/eval
+    "$FLT" optim evaluate --checkpoint swarm_flt=runs/optim/swarm_flt/checkpoint.pt \
+      --checkpoint swarm_performer=runs/optim/swarm_performer/checkpoint.pt \
+      --digits-steps 0 --out runs/optim/eval_swarm
+    ;;
+  *)
+    echo "unknown section '$section'" >&2
+    exit 2
+    ;;
+esac
