@@ -43,6 +43,9 @@ def init_from_env(device_type: str) -> DistInfo:
     if world <= 1 or is_initialized():
         return info()
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        # Before the group exists: NCCL binds each process's communicator to its current device.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return info()
 
@@ -51,6 +54,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; the input is untouched). Identity without a process group."""
     out = tensor.detach().clone()
     if is_initialized():
+        if dist.get_backend() == "nccl" and out.device.type != "cuda":
+            # NCCL reduces CUDA tensors only; counts and metric totals are built on the CPU.
+            buf = out.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            return buf.to(tensor.device)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
