@@ -129,7 +129,9 @@ def batched_periodic_images(
     """
     B, N, _ = pos.shape
     K = shifts.shape[0]
-    offsets = torch.einsum("ks,bsc->bkc", shifts.to(pos.dtype), cell.to(pos.dtype))  # [B,K,3]
+    # offsets[b, k] = shifts[k] @ cell[b]; a broadcast matmul (einsum's parsing costs more
+    # than the product at these sizes).
+    offsets = torch.matmul(shifts.to(pos.dtype), cell.to(pos.dtype))  # [B,K,3]
     image_pos = pos[:, None, :, :] + offsets[:, :, None, :]  # [B,K,N,3]
     # Gather the (few) centres of each structure into [B, C, 3]: a stable sort puts each
     # structure's centre atoms first, so rows j < C_b are its centres.

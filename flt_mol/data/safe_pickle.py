@@ -12,7 +12,9 @@ Tensor storages pickled by ``torch`` (``torch.storage._load_from_bytes``) embed 
 complete ``torch.save`` stream which ``torch`` would load with an unrestricted unpickler. Here
 that call is replaced by :func:`load_storage_bytes`, which parses the legacy ``torch.save``
 layout with the same restrictions (and falls back to ``torch.load(..., weights_only=True)``,
-torch's own restricted loader, for layouts it does not recognise).
+torch's own restricted loader, for layouts it does not recognise). The storage record torch
+usually writes is recognised by a byte pattern that can only match data (see
+``_STORAGE_RECORD``); every other spelling goes through the restricted unpickler.
 """
 
 from __future__ import annotations

@@ -132,3 +132,62 @@ def test_to_device_copies_every_tensor():
     assert moved is not batch and torch.equal(moved.pos, batch.pos)
     assert moved.y_relaxed is not None
     assert "num_graphs=1" in repr(batch)
+
+
+def reference_collate(items, images):
+    """Per-structure loop: [atoms | periodic_images(...) | padding], field by field."""
+    rows = []
+    for item in items:
+        pos, tags = item.pos.float(), item.tags.long()
+        cell = item.cell.reshape(3, 3).float()
+        img = periodic_images(pos, cell, tags, images) if images is not None else None
+        src = torch.arange(pos.shape[0]) if img is None else torch.cat([torch.arange(pos.shape[0]), img.source])
+        token_pos = pos if img is None else torch.cat([pos, img.pos])
+        rows.append((src, token_pos, pos.shape[0]))
+    L = max(len(src) for src, _, _ in rows)
+    out = {k: [] for k in ("pos", "atomic_numbers", "tags", "fixed", "is_image", "padding_mask")}
+    for item, (src, token_pos, n) in zip(items, rows):
+        pad = L - len(src)
+        out["pos"].append(torch.cat([token_pos, torch.zeros(pad, 3)]))
+        for key, conv in (("atomic_numbers", torch.Tensor.long), ("tags", torch.Tensor.long), ("fixed", torch.Tensor.bool)):
+            value = conv(item[key])[src]
+            out[key].append(torch.cat([value, value.new_zeros(pad)]))
+        out["is_image"].append(torch.arange(L).ge(n) & torch.arange(L).lt(len(src)))
+        out["padding_mask"].append(torch.arange(L).ge(len(src)))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches_match_a_per_structure_loop(seed):
+    """Mixed sizes, [3, 3] cells, float64 positions, a single item, image caps, every tag copied."""
+    g = torch.Generator().manual_seed(seed)
+    B = 1 if seed == 0 else int(torch.randint(2, 7, (1,), generator=g))
+    items = []
+    for b in range(B):
+        item = make_item(int(torch.randint(1, 14, (1,), generator=g)), seed=100 * seed + b, sid=b)
+        if b % 2:
+            item.cell = item.cell[0]
+            item.pos = item.pos.double()
+        items.append(item)
+    configs = [None, PeriodicImages(cutoff=5.0 + seed), PeriodicImages(cutoff=7.0, copy_tags=None),
+               PeriodicImages(cutoff=9.0, centre_tags=(1, 2), max_images=3 + seed)]
+    for config in configs:
+        batch = collate_atoms(items, images=config)
+        if config is not None and config.max_images is not None:
+            assert int(batch.is_image.sum(dim=1).max()) <= config.max_images
+            continue  # which images survive the cap is tested in test_max_images_caps_the_length
+        ref = reference_collate(items, config)
+        for key, value in ref.items():
+            got = getattr(batch, key)
+            assert got.dtype == value.dtype and got.shape == value.shape, key
+            if key == "pos":
+                torch.testing.assert_close(got, value, rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(got, value), key
+        assert batch.natoms.tolist() == [int(i.pos.shape[0]) for i in items]
+        assert batch.sid.tolist() == list(range(B))
+        for b, item in enumerate(items):
+            n = item.pos.shape[0]
+            assert torch.equal(batch.displacement[b, :n], (item.pos_relaxed.float() - item.pos.float()))
+            assert batch.displacement[b, n:].eq(0).all()
+            assert torch.equal(batch.cell[b], item.cell.reshape(3, 3).float())

@@ -212,6 +212,17 @@ INVALID = {
     "natoms mismatch": ("natoms", _mutate("natoms", 3)),
     "pos_relaxed shape": ("pos_relaxed", _mutate("pos_relaxed", lambda d: d.pos_relaxed[:-1])),
     "nan target": ("y_relaxed", _mutate("y_relaxed", float("nan"))),
+    "-inf relaxed position": (
+        "pos_relaxed",
+        _mutate("pos_relaxed", lambda d: d.pos_relaxed.index_fill(0, torch.tensor([2]), -float("inf"))),
+    ),
+    "+inf and -inf position": (  # their sum is NaN, not inf: still caught
+        "pos",
+        _mutate("pos", lambda d: d.pos.index_fill(0, torch.tensor([0]), float("inf")).index_fill(
+            0, torch.tensor([1]), -float("inf"))),
+    ),
+    "string natoms": ("natoms", _mutate("natoms", "7")),
+    "float sid": ("sid", _mutate("sid", 1.5)),
 }
 
 
@@ -250,6 +261,17 @@ def test_truncated_and_corrupt_entries(tmp_path, damage):
     with pytest.raises((OC20FormatError, pickle.UnpicklingError)) as info:
         ds[1]
     assert "damaged.lmdb" in str(info.value) and "b'1'" in str(info.value)
+
+
+def test_huge_finite_values_are_not_mistaken_for_non_finite(tmp_path):
+    """The finite check sums in float64: float32 values near the top of the range pass."""
+    data = make_data(0)
+    data.pos = data.pos.index_fill(0, torch.tensor([0, 1]), 3.0e38)
+    data.pos_relaxed = data.pos_relaxed.index_fill(0, torch.tensor([0, 1]), -3.0e38)
+    path = tmp_path / "big.lmdb"
+    write_raw(path, [pickle.dumps(data)], length=1)
+    got = OC20LMDB(path)[0]
+    assert torch.equal(got.pos, data.pos) and torch.equal(got.pos_relaxed, data.pos_relaxed)
 
 
 def test_validate_false_skips_value_checks(tmp_path):

@@ -188,3 +188,62 @@ def test_legacy_storage_bytes_with_other_headers(protocol):
     truncated = buf.getvalue()[:-3]
     with pytest.raises(pickle.UnpicklingError, match="truncated"):
         load_storage_bytes(truncated)
+
+
+def _legacy_storage_stream(values: torch.Tensor, **save_kwargs) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation
+        torch.save(values.storage(), buf, _use_new_zipfile_serialization=False, **save_kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.int64, torch.bool, torch.bfloat16, torch.complex64]
+)
+def test_storage_byte_match_agrees_with_the_full_parse(monkeypatch, dtype):
+    """The byte-pattern fast path and the unpickling parse give the same storage."""
+    from flt_mol.data import safe_pickle
+
+    base = torch.randn(11) * 5
+    values = base.to(dtype) if dtype is not torch.complex64 else torch.complex(base, base.flip(0))
+    refs = (values, torch.empty(0, dtype=dtype))
+    streams = [_legacy_storage_stream(ref) for ref in refs]
+    assert all(safe_pickle._fast_pattern().match(s) is not None for s in streams)  # usual layout
+    fast = [load_storage_bytes(s) for s in streams]
+    monkeypatch.setattr(safe_pickle, "_FAST_PATTERN", safe_pickle.re.compile(b"(?!)"))  # never matches
+    full = [load_storage_bytes(s) for s in streams]
+    for a, b, ref in zip(fast, full, refs):
+        assert a.dtype == b.dtype == dtype and a.size() == b.size() == ref.numel()
+        assert bytes(a._untyped_storage) == bytes(b._untyped_storage) == bytes(ref.untyped_storage())
+        # torch-owned, resizable memory, like torch.load's (not a view of the pickle's bytes)
+        assert a._untyped_storage.resizable() and b._untyped_storage.resizable()
+
+
+def test_storage_record_lookalikes_fall_through_and_are_refused():
+    """Streams that resemble torch's record but name another global or disagree on the key
+    are not taken by the byte match: the restricted unpickler judges (and refuses) them."""
+    stream = _legacy_storage_stream(torch.arange(4.0))
+    assert b"ctorch\nFloatStorage\n" in stream
+    for evil in (b"cposix\nsystem\n", b"ctorch\nload\n", b"ctorch\nFloatStorageX\n"):
+        with pytest.raises(UnsafePickleError, match="not a storage type"):
+            load_storage_bytes(stream.replace(b"ctorch\nFloatStorage\n", evil))
+    # The key list names another key (same length): inconsistent, refused by the full parse.
+    key = stream.split(b"q\x01a.")[0][-14:]
+    assert key.isdigit()
+    other = bytes(reversed(key)) if bytes(reversed(key)) != key else key[:-1] + b"0"
+    head, sep, tail = stream.rpartition(key + b"q\x01a.")
+    with pytest.raises(pickle.UnpicklingError, match="inconsistent"):
+        load_storage_bytes(head + other + b"q\x01a." + tail)
+
+
+def test_allow_list_holds_no_python2_names():
+    """find_class looks a name up before mapping Python 2 names: that is only equivalent to
+    mapping first while no allow-listed name is itself a Python 2 name."""
+    import _compat_pickle
+
+    from flt_mol.data.safe_pickle import allowed_globals
+
+    for module, name in allowed_globals():
+        assert (module, name) not in _compat_pickle.NAME_MAPPING
+        assert module not in _compat_pickle.IMPORT_MAPPING
