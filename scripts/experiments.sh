@@ -8,6 +8,7 @@
 #   bash scripts/experiments.sh bench       # attention (Fig. 1), RPE error (Thm 4.2), data pipeline
 #   bash scripts/experiments.sh viz         # LM attention maps + locality, local RPE shapes
 #   bash scripts/experiments.sh optim       # learned optimisers: meta-train + evaluate
+#   bash scripts/experiments.sh optim-long  # the same with 50-step truncations
 #
 # Everything single-threaded (OMP_NUM_THREADS=1): on this shared 2-core machine two threads per
 # process contend and run slower. Outputs go to runs/ (not versioned).
@@ -17,7 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FLT=.venv/bin/flt-mol
 PY=.venv/bin/python
 
-section=${1:?usage: scripts/experiments.sh is2re|crossover|lm|vit|bench|viz|optim}
+section=${1:?usage: scripts/experiments.sh is2re|crossover|lm|vit|bench|viz|optim|optim-long}
 case "$section" in
   is2re)
     for m in flt performer exact; do
@@ -56,16 +57,29 @@ case "$section" in
     "$FLT" viz local-rpe --checkpoint runs/lm_flt_local/best.pt --out runs/viz/local_rpe_learned
     ;;
   optim)
+    # Equal meta-training budget for every memory (400 x 4 tasks x 20 unrolled steps).
     for r in flt_local flt_gm performer lstm swarm_flt swarm_performer; do
       "$FLT" optim meta-train recipes/optim_$r.yaml --out runs/optim/$r
     done
     "$FLT" optim evaluate --checkpoint flt_local=runs/optim/flt_local/checkpoint.pt \
       --checkpoint flt_gm=runs/optim/flt_gm/checkpoint.pt \
       --checkpoint performer=runs/optim/performer/checkpoint.pt \
-      --checkpoint lstm=runs/optim/lstm/checkpoint.pt --out runs/optim/eval
+      --checkpoint lstm=runs/optim/lstm/checkpoint.pt \
+      --dims 2 5 10 --num-functions 16 --digits-steps 300 --out runs/optim/eval
     "$FLT" optim evaluate --checkpoint swarm_flt=runs/optim/swarm_flt/checkpoint.pt \
       --checkpoint swarm_performer=runs/optim/swarm_performer/checkpoint.pt \
-      --digits-steps 0 --out runs/optim/eval_swarm
+      --num-functions 16 --digits-steps 0 --out runs/optim/eval_swarm
+    ;;
+  optim-long)
+    # The same budget in 50-step truncations (160 x 4 x 50): less short-horizon bias.
+    for r in flt_local flt_gm performer lstm; do
+      "$FLT" optim meta-train recipes/optim_$r.yaml unroll_length=50 meta_iterations=160 --out runs/optim/long/$r
+    done
+    "$FLT" optim evaluate --checkpoint flt_local=runs/optim/long/flt_local/checkpoint.pt \
+      --checkpoint flt_gm=runs/optim/long/flt_gm/checkpoint.pt \
+      --checkpoint performer=runs/optim/long/performer/checkpoint.pt \
+      --checkpoint lstm=runs/optim/long/lstm/checkpoint.pt \
+      --dims 2 5 10 --num-functions 16 --digits-steps 300 --out runs/optim/long/eval
     ;;
   *)
     echo "unknown section '$section'" >&2
