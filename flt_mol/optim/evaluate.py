@@ -113,8 +113,14 @@ def run_adam_population(
     return best
 
 
+def _final_logs(curves: list[list[float]]) -> list[float]:
+    """log10 of each curve's final loss (floored at 1e-12), one per function."""
+    return [math.log10(max(c[-1], 1e-12)) for c in curves]
+
+
 def _final_log(curves: list[list[float]]) -> float:
-    return sum(math.log10(max(c[-1], 1e-12)) for c in curves) / len(curves)
+    logs = _final_logs(curves)
+    return sum(logs) / len(logs)
 
 
 def tune_adam_lr(run, lrs) -> tuple[float, dict[float, float]]:
@@ -130,7 +136,7 @@ def tune_adam_lr(run, lrs) -> tuple[float, dict[float, float]]:
 
 def _summary(curves: list[list[float]]) -> dict:
     finals = torch.tensor([c[-1] for c in curves])
-    logs = [math.log10(max(c[-1], 1e-12)) for c in curves]
+    logs = _final_logs(curves)
     # standard error of the mean final log10-loss over the functions (0 for a single function)
     sem = float(torch.tensor(logs).std() / len(logs) ** 0.5) if len(logs) > 1 else 0.0
     return {
@@ -138,7 +144,7 @@ def _summary(curves: list[list[float]]) -> dict:
         "final_log10_loss_sem": sem,
         "final_loss_mean": float(finals.mean()),
         "final_loss_median": float(finals.median()),
-        "final_log10_loss_mean": _final_log(curves),
+        "final_log10_loss_mean": sum(logs) / len(logs),
         "min_loss_mean": float(torch.tensor([min(c) for c in curves]).mean()),
         "curve_log10_mean": [
             sum(math.log10(max(c[t], 1e-12)) for c in curves) / len(curves) for t in range(len(curves[0]))

@@ -50,6 +50,18 @@ META_KINDS = ("coordinate", "swarm")
 SWARM_META_LOSSES = ("mean", "best")
 
 
+def population_loss(losses: torch.Tensor, how: str) -> torch.Tensor:
+    """The swarm's loss at one step: mean over members (``"mean"``) or the best one (``"best"``).
+
+    Shapes: ``losses [K]`` -> ``[]``.
+    """
+    if how == "mean":
+        return losses.mean()
+    if how == "best":
+        return losses.min()
+    raise ValueError(f"swarm_meta_loss must be one of {SWARM_META_LOSSES}, got {how!r}")
+
+
 @dataclass
 class MetaTrainConfig:
     """A meta-training run (one YAML recipe).
@@ -245,7 +257,7 @@ def _new_worker(config: MetaTrainConfig, rule, seed: int) -> dict:
         state = rule.initial_state(dtype=params.dtype)
         with torch.no_grad():
             losses0 = task.loss(params, 0)
-            initial_loss = float(losses0.mean() if config.swarm_meta_loss == "mean" else losses0.min())
+            initial_loss = float(population_loss(losses0, config.swarm_meta_loss))
     return {"seed": seed, "step": 0, "params": params, "state": state, "initial_loss": initial_loss}
 
 
@@ -277,10 +289,7 @@ def unroll(
         params = params + update
         step += 1
         loss = task.loss(params, step)
-        if kind == "coordinate":
-            mean_loss = loss
-        else:
-            mean_loss = loss.mean() if swarm_meta_loss == "mean" else loss.min()
+        mean_loss = loss if kind == "coordinate" else population_loss(loss, swarm_meta_loss)
         terms.append(torch.log(mean_loss / l0 + loss_eps))
         seen.append(float(loss.detach().min()))
     meta_loss = torch.stack(terms).mean()
