@@ -207,6 +207,16 @@ class FLTAttention(nn.Module):
     def _uses_rpe(self) -> bool:
         return self.rpe is not None and self.mode in ("flt", "exact")
 
+    def _scaled_qkv(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``rows`` of the ``qkv`` weight and bias with the ``d^-1/4`` of Alg. 1 folded in.
+
+        Folding it into the weights (a ``[3D, D]`` multiply) replaces two passes over
+        ``[B, H, L, d]``; the exact mode then uses scale 1.
+        """
+        scale = self.qkv_scale[rows].to(self.qkv.weight.dtype)
+        bias = self.qkv.bias[rows] * scale if self.qkv.bias is not None else None
+        return self.qkv.weight[rows] * scale[:, None], bias
+
     def _project_one(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """One of ``Q d^-1/4`` (0), ``K d^-1/4`` (1), ``V`` (2) as ``[B, H, L, d]``.
 
@@ -214,22 +224,15 @@ class FLTAttention(nn.Module):
         its features are alive at once (same parameters and result as :meth:`_project`).
         """
         B, L, D = x.shape
-        rows = slice(index * D, (index + 1) * D)
-        scale = self.qkv_scale[rows].to(self.qkv.weight.dtype)
-        bias = self.qkv.bias[rows] * scale if self.qkv.bias is not None else None
-        y = nn.functional.linear(x, self.qkv.weight[rows] * scale[:, None], bias)
+        weight, bias = self._scaled_qkv(slice(index * D, (index + 1) * D))
+        y = nn.functional.linear(x, weight, bias)
         return y.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(Q d^-1/4, K d^-1/4, V)``, each ``[B, H, L, d]``.
-
-        The ``d^-1/4`` of Alg. 1 is folded into the projection weights (a ``[3D, D]`` multiply)
-        instead of two passes over ``[B, H, L, d]``; the exact mode then uses scale 1.
-        """
+        """``(Q d^-1/4, K d^-1/4, V)``, each ``[B, H, L, d]``, in one fused multiply."""
         B, L, _ = x.shape
-        scale = self.qkv_scale.to(self.qkv.weight.dtype)
-        bias = self.qkv.bias * scale if self.qkv.bias is not None else None
-        qkv = nn.functional.linear(x, self.qkv.weight * scale[:, None], bias)
+        weight, bias = self._scaled_qkv(slice(None))
+        qkv = nn.functional.linear(x, weight, bias)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b h l d]
         return q, k, v
