@@ -25,10 +25,18 @@ cos/sin split). Einsum letters: b batch, h heads, l positions, f features, i coo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F_
+
+from flt_mol.attention.periodic import (
+    PeriodicLattice,
+    gaussian_lattice_sum,
+    periodic_mixture_log_density,
+    snap_frequencies,
+)
 
 __all__ = [
     "SpectralRPE",
@@ -37,6 +45,8 @@ __all__ = [
     "LocalRPE",
     "KernelRPE",
     "rpe_features",
+    "features_from_angles",
+    "PeriodicDraw",
     "irwin_hall_pdf",
 ]
 
@@ -74,19 +84,51 @@ def rpe_features(
 
     Shapes: returns ``(n1, n2)``, each ``[B, H, L, 2F]`` in fp32.
     """
-    num_features = xi.shape[1]
     dtype = torch.promote_types(torch.promote_types(pos.dtype, xi.dtype), torch.float32)
     ang = (2.0 * math.pi) * torch.einsum("bli,hfi->bhlf", pos.to(dtype), xi.to(dtype))
+    return features_from_angles(ang, a[None], balanced=balanced)
+
+
+def features_from_angles(
+    ang: torch.Tensor, a: torch.Tensor, *, balanced: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n1 = [w cos, w sin] / sqrt(F)``, ``n2 = [cos, sin] / sqrt(F)`` (one-sided, ``w = a``) or
+    ``sqrt(a)`` on both sides (balanced), so ``n1_i . n2_j = (1/F) sum_f a_f cos(ang_if - ang_jf)``.
+
+    Shapes: ``ang [B, H, L, F]``, ``a [B or 1, H, F]`` -> two ``[B, H, L, 2F]`` in ``ang``'s dtype.
+    """
+    num_features = ang.shape[-1]
     cos, sin = torch.cos(ang), torch.sin(ang)
     scale = 1.0 / math.sqrt(num_features)
+    a = a.to(ang.dtype)[:, :, None, :]
     if balanced:
-        s = (torch.sqrt(a.to(dtype).clamp_min(0.0)) * scale)[None, :, None, :]
+        s = torch.sqrt(a.clamp_min(0.0)) * scale
         n1 = torch.cat([cos * s, sin * s], dim=-1)
         return n1, n1
-    w = (a.to(dtype) * scale)[None, :, None, :]
-    n1 = torch.cat([cos * w, sin * w], dim=-1)
+    n1 = torch.cat([cos * (a * scale), sin * (a * scale)], dim=-1)
     n2 = torch.cat([cos, sin], dim=-1) * scale
     return n1, n2
+
+
+@dataclass(frozen=True)
+class PeriodicDraw:
+    """One draw of reciprocal-lattice frequencies per structure (DESIGN §7), before weighting.
+
+    Attributes (``B`` structures, ``H`` heads, ``F`` frequencies, ``L`` atoms):
+        q: ``[B, H, F, 3]`` fp64, integer on the periodic coordinates (``k L^T = q``).
+        k: ``[B, H, F, 3]`` fp64 frequencies in frame coordinates (detached: a sample).
+        log_p: ``[B, H, F]`` fp64 log proposal probability / density (detached).
+        zero: ``[B, H, F]`` bool, the ``k = 0`` samples of 3D-periodic structures (weight 0).
+        phase: ``[B, H, L, F]`` angles ``2 pi q . u`` (wrapped fractional coordinates).
+        lattice: the :class:`~flt_mol.attention.periodic.PeriodicLattice` it was drawn on.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    log_p: torch.Tensor
+    zero: torch.Tensor
+    phase: torch.Tensor
+    lattice: PeriodicLattice
 
 
 def irwin_hall_pdf(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -185,6 +227,39 @@ class SpectralRPE(nn.Module):
             shape = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
             raise ValueError(f"pos must be [B, L, {self.dim}] (dim of this RPE), got {shape}")
 
+    def _check_split(self, split: str) -> bool:
+        """Validate ``split`` and return whether the balanced form is used."""
+        if split not in ("auto", "balanced", "one_sided"):
+            raise ValueError(f"split must be auto, balanced or one_sided, got {split!r}")
+        if split == "balanced" and not self.nonnegative_spectrum:
+            raise ValueError(
+                f"split='balanced' needs a nonnegative spectrum; {type(self).__name__} is signed here"
+            )
+        return split == "balanced" or (split == "auto" and self.nonnegative_spectrum)
+
+    def _noise_for(self, num_features, generator, noise, device) -> torch.Tensor:
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if noise is None:
+            return self.draw_noise(num_features, generator, device=device)
+        self._check_noise(noise, num_features)
+        return noise
+
+    @staticmethod
+    def _lattice_of(pos, cell, pbc, lattice) -> PeriodicLattice | None:
+        if lattice is not None:
+            if not isinstance(lattice, PeriodicLattice):
+                raise TypeError(f"lattice must be a PeriodicLattice, got {type(lattice).__name__}")
+            if lattice.num_structures != pos.shape[0]:
+                raise ValueError(f"lattice has {lattice.num_structures} structures but pos has {pos.shape[0]}")
+            return lattice
+        if cell is None:
+            if pbc is not None:
+                raise ValueError("pbc was given without cell: periodic features need the cell")
+            return None
+        cell = cell if cell.dim() == 3 else cell[None].expand(pos.shape[0], 3, 3)
+        return PeriodicLattice.from_cell(cell.to(pos.device), pbc)
+
     def features(
         self,
         pos: torch.Tensor,
@@ -193,8 +268,17 @@ class SpectralRPE(nn.Module):
         *,
         noise: torch.Tensor | None = None,
         split: str = "auto",
+        cell: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+        lattice: PeriodicLattice | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random features ``(n1, n2)`` with ``E[n1 @ n2^T] = mask(pos_i - pos_j)`` per head.
+
+        Periodic structures (``cell`` / ``pbc`` or a prebuilt ``lattice`` given): frequencies on
+        each structure's reciprocal lattice (DESIGN §7), ``E[n1 @ n2^T] = f_per(pos_i - pos_j)``
+        minus the constant ``k = 0`` term of 3D-periodic structures (see :meth:`periodic_k0`),
+        exactly invariant to wrapping atoms by lattice vectors, for every draw.
 
         Args:
             pos: ``[B, L, dim]`` positions.
@@ -204,31 +288,29 @@ class SpectralRPE(nn.Module):
                 noise is drawn when None.
             split: ``"auto"`` (balanced when ``a >= 0`` is guaranteed, else one-sided),
                 ``"balanced"`` or ``"one_sided"``.
+            cell: ``[B, 3, 3]`` or ``[3, 3]`` lattice rows; ``pbc``: ``[B, 3]`` or ``[3]`` bool
+                (default ``(True, True, False)``, a slab). ``lattice``: the same, prebuilt with
+                :meth:`PeriodicLattice.from_cell` (reuse it across layers).
+            padding_mask: ``[B, L]`` (True = pad); periodic features only use it to centre the
+                non-periodic coordinates.
 
         Shapes: returns two ``[B, H, L, 2F]`` fp32 tensors.
         """
         self.check_positions(pos)
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if split not in ("auto", "balanced", "one_sided"):
-            raise ValueError(f"split must be auto, balanced or one_sided, got {split!r}")
-        if split == "balanced" and not self.nonnegative_spectrum:
-            raise ValueError(
-                f"split='balanced' needs a nonnegative spectrum; {type(self).__name__} is signed here"
-            )
-        if noise is None:
-            noise = self.draw_noise(num_features, generator, device=pos.device)
-        else:
-            self._check_noise(noise, num_features)
+        balanced = self._check_split(split)
+        noise = self._noise_for(num_features, generator, noise, pos.device)
+        lattice = self._lattice_of(pos, cell, pbc, lattice)
+        if lattice is not None:
+            draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask)
+            return features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced)
         xi, a = self.sample(noise)
-        balanced = split == "balanced" or (split == "auto" and self.nonnegative_spectrum)
         return rpe_features(pos, xi, a, balanced=balanced)
 
     def estimate_mask(
-        self, pos: torch.Tensor, num_features: int, generator=None, *, noise=None, split="auto"
+        self, pos: torch.Tensor, num_features: int, generator=None, *, noise=None, split="auto", **periodic
     ) -> torch.Tensor:
         """Materialised estimate ``n1 @ n2^T``, ``[B, H, L, L]`` (for tests and benchmarks)."""
-        n1, n2 = self.features(pos, num_features, generator, noise=noise, split=split)
+        n1, n2 = self.features(pos, num_features, generator, noise=noise, split=split, **periodic)
         return n1 @ n2.transpose(-1, -2)
 
     def row_sums(
@@ -239,34 +321,135 @@ class SpectralRPE(nn.Module):
         *,
         noise: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        cell: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+        lattice: PeriodicLattice | None = None,
     ) -> torch.Tensor:
-        """Linear-time estimate of ``S[b,i,h] = sum_{j real} f_h(pos_i - pos_j)``.
+        """Linear-time estimate of ``S[b,i,h] = sum_{j real} f_h(pos_i - pos_j)`` (``f_per`` when periodic).
 
         ``S_i = n1_i . (sum_j n2_j)``: a per-token context (e.g. a Gaussian-basis density around
-        each atom, one channel per "head") in O(L F) instead of O(L^2). Unbiased.
+        each atom, one channel per "head") in O(L F) instead of O(L^2). Unbiased. Periodic: the
+        exact ``k = 0`` term (``n_real * ghat(0) / V`` on 3D-periodic structures) is added.
 
         Shapes: ``pos [B, L, l]``, ``padding_mask [B, L]`` (True = pad) -> ``[B, L, H]``.
         """
-        n1, n2 = self.features(pos, num_features, generator, noise=noise)
+        if padding_mask is not None and padding_mask.shape != pos.shape[:2]:
+            raise ValueError(f"padding_mask must be [B, L] = {tuple(pos.shape[:2])}, got {tuple(padding_mask.shape)}")
+        lattice = self._lattice_of(pos, cell, pbc, lattice)
+        n1, n2 = self.features(pos, num_features, generator, noise=noise, lattice=lattice, padding_mask=padding_mask)
+        keep = torch.ones(pos.shape[:2], dtype=n2.dtype, device=pos.device)
         if padding_mask is not None:
-            if padding_mask.shape != pos.shape[:2]:
-                raise ValueError(f"padding_mask must be [B, L] = {tuple(pos.shape[:2])}, got {tuple(padding_mask.shape)}")
-            n2 = n2 * (~padding_mask.bool())[:, None, :, None].to(n2.dtype)
-        total = n2.sum(dim=2, keepdim=True)  # [B, H, 1, 2F]
-        return (n1 * total).sum(-1).transpose(1, 2)
+            keep = (~padding_mask.bool()).to(n2.dtype)
+        total = (n2 * keep[:, None, :, None]).sum(dim=2, keepdim=True)  # [B, H, 1, 2F]
+        out = (n1 * total).sum(-1).transpose(1, 2)
+        if lattice is not None:
+            out = out + (self.periodic_k0(lattice).to(out.dtype) * keep.sum(1)[:, None])[:, None, :]
+        return out
 
-    def exact_row_sums(self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def exact_row_sums(self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None, **periodic) -> torch.Tensor:
         """O(L^2) reference of :meth:`row_sums`, ``[B, L, H]``."""
-        mask = self.exact_mask(pos)  # [B, H, L, L]
+        mask = self.exact_mask(pos, **periodic)  # [B, H, L, L]
         if padding_mask is not None:
             mask = mask * (~padding_mask.bool())[:, None, None, :].to(mask.dtype)
         return mask.sum(-1).transpose(1, 2)
 
-    def exact_mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """Exact ``N[b,h,i,j] = f(pos_i - pos_j)``, ``[B, H, L, L]`` (O(L^2) reference)."""
+    def exact_mask(
+        self,
+        pos: torch.Tensor,
+        *,
+        cell: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+        lattice: PeriodicLattice | None = None,
+        drop_k0: bool = False,
+    ) -> torch.Tensor:
+        """Exact ``N[b,h,i,j] = f(pos_i - pos_j)``, ``[B, H, L, L]`` (O(L^2) reference).
+
+        Periodic (``cell``/``pbc`` or ``lattice``): the lattice sum ``f_per`` to convergence;
+        ``drop_k0`` subtracts the ``k = 0`` constant of 3D-periodic structures, which is what the
+        attention features estimate.
+        """
         self.check_positions(pos)
+        lattice = self._lattice_of(pos, cell, pbc, lattice)
+        if lattice is not None:
+            return self.exact_periodic_mask(pos, lattice, drop_k0=drop_k0)
         delta = pos[:, :, None, :] - pos[:, None, :, :]
         return self.mask(delta).permute(0, 3, 1, 2)
+
+    # -- periodic structures (DESIGN §7) ---------------------------------------------------------
+    def _periodic_unsupported(self):
+        return NotImplementedError(
+            f"{type(self).__name__} has no periodic (reciprocal-lattice) features; use GaussianBasisRPE(dim=3)"
+        )
+
+    def periodic_proposal(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xi [H, F, 3], sigma [H, T'])``: continuous frequencies from the noise (frame coordinates)
+        and the widths of the isotropic Gaussians whose uniform mixture they are drawn from."""
+        raise self._periodic_unsupported()
+
+    def periodic_spectrum(self, k: torch.Tensor, moment: int = 0) -> torch.Tensor:
+        """``ghat(k)`` (``moment=0``) or ``sum_t s_t^2 ghat_t(k)`` (``moment=2``), ``[B, H, F]`` fp64."""
+        raise self._periodic_unsupported()
+
+    def exact_periodic_mask(self, pos, lattice, *, drop_k0=False) -> torch.Tensor:
+        raise self._periodic_unsupported()
+
+    def periodic_draw(
+        self,
+        pos: torch.Tensor,
+        noise: torch.Tensor,
+        lattice: PeriodicLattice,
+        *,
+        padding_mask: torch.Tensor | None = None,
+    ) -> PeriodicDraw:
+        """Snap the noise's frequencies onto each structure's reciprocal lattice (DESIGN §7).
+
+        On slabs (2 periodic directions) frequency ``f + F//2`` is frequency ``f`` with the normal
+        component negated (antithetic pairs): the draw is then exactly symmetric under the
+        rotation by pi about the normal that relates ``(a, b)`` to ``(-a, -b)``, the one choice a
+        reduced plane basis leaves open.
+
+        Shapes: ``pos [B, L, 3]``, ``noise [H, F, w]`` -> :class:`PeriodicDraw`.
+        """
+        if self.dim != 3:
+            raise ValueError(f"periodic features need dim=3 positions, this RPE has dim={self.dim}")
+        xi, sigma = self.periodic_proposal(noise)
+        xi, sigma = xi.detach().double(), sigma.detach().double()
+        B, (H, F, _) = pos.shape[0], xi.shape
+        lattice = lattice.to(pos.device)
+        P = lattice.periodic_dims
+        half = F // 2
+        flipped = torch.cat([xi[:, :half], xi[:, :half] * xi.new_tensor([1.0, 1.0, -1.0]), xi[:, 2 * half:]], dim=1)
+        xi_b = torch.where((P == 2)[:, None, None, None], flipped[None], xi[None])  # [B, H, F, 3]
+        q, k = snap_frequencies(xi_b, lattice.basis, P)
+        log_p = periodic_mixture_log_density(k, sigma, lattice.basis, P)
+        zero = (P == 3)[:, None, None] & (q == 0).all(-1)
+        u = lattice.fractional(pos, padding_mask)  # [B, L, 3] fp64
+        dtype = torch.promote_types(pos.dtype, torch.float32)
+        phase = (2.0 * math.pi) * torch.einsum("bli,bhfi->bhlf", u.to(dtype), q.to(dtype))
+        return PeriodicDraw(q=q, k=k, log_p=log_p, zero=zero, phase=phase, lattice=lattice)
+
+    def periodic_weights(self, draw: PeriodicDraw, moment: int = 0) -> torch.Tensor:
+        """Importance weights ``a = ghat(k) / (V_P p(q))`` (``moment=2``: ``sum_t s_t^2 ghat_t``), 0 at ``k = 0``.
+
+        Gradients reach the spectrum's parameters through ``ghat`` only: ``k`` and ``p`` are
+        samples (detached), which keeps the width gradients unbiased although ``q`` jumps as the
+        widths move. Shapes: ``[B, H, F]`` fp64.
+        """
+        g = self.periodic_spectrum(draw.k, moment)
+        log_norm = draw.log_p + torch.log(draw.lattice.covolume)[:, None, None]
+        a = g * torch.exp(-log_norm)
+        return torch.where(draw.zero, torch.zeros_like(a), a)
+
+    def periodic_k0(self, lattice: PeriodicLattice) -> torch.Tensor:
+        """The ``k = 0`` term ``ghat(0) / V`` of 3D-periodic structures (0 for the others), ``[B, H]`` fp64.
+
+        A constant per structure and head: it cancels in the attention softmax (the features
+        leave it out) and is added exactly to sums over atoms.
+        """
+        zero = torch.zeros(lattice.num_structures, self.num_heads, 1, 3, dtype=torch.float64,
+                           device=lattice.basis.device)
+        g0 = self.periodic_spectrum(zero)[..., 0]  # [B, H]
+        return torch.where((lattice.periodic_dims == 3)[:, None], g0 / lattice.covolume[:, None], torch.zeros_like(g0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,8 +566,13 @@ class GaussianBasisRPE(SpectralRPE):
             out = out + amps[:, t] * _exp_floored(-d2 * inv[:, t])
         return out
 
-    def exact_mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """Exact ``[B, H, L, L]`` mask, built head-major to avoid a transposed copy."""
+    def exact_mask(self, pos: torch.Tensor, **periodic) -> torch.Tensor:
+        """Exact ``[B, H, L, L]`` mask, built head-major to avoid a transposed copy.
+
+        ``periodic`` (``cell``, ``pbc``, ``lattice``, ``drop_k0``): see :meth:`SpectralRPE.exact_mask`.
+        """
+        if any(periodic.get(key) is not None for key in ("cell", "lattice")):
+            return super().exact_mask(pos, **periodic)
         self.check_positions(pos)
         d2 = torch.cdist(_acc(pos), _acc(pos), compute_mode="donot_use_mm_for_euclid_dist")
         d2 = d2.square()[:, None]  # [B, 1, L, L]; exact differences, no |a|^2+|b|^2-2ab
@@ -440,6 +628,48 @@ class GaussianBasisRPE(SpectralRPE):
         log_p = -0.5 * (z**2).sum(-1) - 0.5 * self.dim * _LOG_2PI - self.dim * torch.log(sigma[..., 0])
         a = (amps * torch.exp(self._log_term_densities(xi) - log_p[..., None])).sum(-1)
         return xi, a
+
+    # -- periodic structures (DESIGN §7) ---------------------------------------------------------
+    def periodic_proposal(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous frequencies of the configured sampler and its component widths (see base class).
+
+        ``mixture``: ``xi = z / (2 pi s_t)`` with the term ``t`` from the noise, widths
+        ``1/(2 pi s_t)``; ``gaussian``: ``xi = sigma z``; ``standard``: ``xi = z``.
+        """
+        self._check_noise(noise, None)
+        noise = _acc(noise)
+        z = noise[..., : self.dim]
+        sigma_t = 1.0 / (2.0 * math.pi * self.scales)  # [H, T]
+        if self.sampler == "mixture":
+            T = self.num_kernels
+            idx = (noise[..., self.dim] * T).long().clamp_(0, T - 1)  # [H, F]
+            return z * torch.gather(sigma_t, 1, idx)[..., None], sigma_t
+        sigma = self.sigma[:, None]  # [H, 1]
+        return z * sigma[..., None], sigma
+
+    def periodic_spectrum(self, k: torch.Tensor, moment: int = 0) -> torch.Tensor:
+        """``ghat(k) = sum_t A_t (2 pi s_t^2)^{3/2} exp(-2 pi^2 s_t^2 |k|^2)`` (the 3D transform of
+        ``f``); ``moment=2`` weights term ``t`` by ``s_t^2`` (the displacement head's spectrum).
+
+        Shapes: ``k [B, H, F, 3]`` -> ``[B, H, F]`` fp64 (differentiable in ``A_t``, ``s_t``).
+        """
+        if moment not in (0, 2):
+            raise ValueError(f"moment must be 0 or 2, got {moment}")
+        s2 = self.scales.double() ** 2  # [H, T]
+        k2 = (k.double() ** 2).sum(-1)[..., None]  # [B, H, F, 1]
+        log_g = 1.5 * torch.log(2.0 * math.pi * s2)[:, None, :] - 2.0 * math.pi**2 * s2[:, None, :] * k2
+        coef = self.amplitudes.double() * (s2 if moment == 2 else 1.0)  # [H, T]
+        return (coef[:, None, :] * torch.exp(log_g)).sum(-1)
+
+    def exact_periodic_mask(self, pos: torch.Tensor, lattice: PeriodicLattice, *, drop_k0: bool = False) -> torch.Tensor:
+        """Real-space lattice sum ``f_per(pos_i - pos_j)`` to convergence, ``[B, H, L, L]`` (O(L^2) reference)."""
+        r = torch.einsum("blx,bxk->blk", pos.double(), lattice.frame.to(pos.device))
+        delta = r[:, :, None, :] - r[:, None, :, :]
+        out = gaussian_lattice_sum(delta, lattice.to(pos.device), self.amplitudes, self.scales)
+        if drop_k0:
+            out = out - self.periodic_k0(lattice.to(pos.device))[:, None, None, :]
+        dtype = torch.promote_types(pos.dtype, torch.float32)
+        return out.permute(0, 3, 1, 2).to(dtype)
 
     @torch.no_grad()
     def c_bound(self) -> float:
