@@ -30,6 +30,7 @@ from flt_mol.attention.linear import (
     linear_attention,
     linear_attention_weights,
 )
+from flt_mol.attention.periodic import PeriodicLattice
 from flt_mol.attention.rpe import SpectralRPE
 
 __all__ = ["FLTAttention", "MODES", "center_positions"]
@@ -238,7 +239,8 @@ class FLTAttention(nn.Module):
         return q, k, v
 
     def _linear_inputs(
-        self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *, with_values: bool = True
+        self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *,
+        with_values: bool = True, lattice: PeriodicLattice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(phi(Q^), phi(K^), V)`` for the linear modes; features ``[B, H, L, m]`` in fp32.
 
@@ -251,10 +253,14 @@ class FLTAttention(nn.Module):
         n1 = n2 = None
         if self.mode == "flt":
             with torch.autocast(device_type=device_type, enabled=False):
-                pos = center_positions(
-                    pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
-                )
-                n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+                if lattice is not None:  # periodic: wrapped fractional phases, nothing to centre
+                    n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split,
+                                               lattice=lattice, padding_mask=padding_mask)
+                else:
+                    pos = center_positions(
+                        pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
+                    )
+                    n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
         q = self._project_one(x, 0)
         with torch.autocast(device_type=device_type, enabled=False):
             q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
@@ -273,20 +279,43 @@ class FLTAttention(nn.Module):
         v = self._project_one(x, 2) if with_values else None
         return phi_q, phi_k, v
 
+    def _lattice(self, x, cell, pbc, lattice) -> PeriodicLattice | None:
+        """The periodic geometry of the call (None: non-periodic), built once from ``cell``/``pbc``."""
+        if lattice is None and cell is None:
+            if pbc is not None:
+                raise ValueError("pbc was given without cell: periodic attention needs the cell")
+            return None
+        if self.causal:
+            raise ValueError("periodic structures (cell / lattice) need causal=False")
+        if lattice is None:
+            cell = cell if cell.dim() == 3 else cell[None].expand(x.shape[0], 3, 3)
+            lattice = PeriodicLattice.from_cell(cell.to(x.device), pbc)
+        if lattice.num_structures != x.shape[0]:
+            raise ValueError(f"lattice has {lattice.num_structures} structures but x has {x.shape[0]}")
+        return lattice
+
     def forward(
         self,
         x: torch.Tensor,
         pos: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        *,
+        cell: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+        lattice: PeriodicLattice | None = None,
     ) -> torch.Tensor:
+        """Attention over ``x``; periodic structures pass ``cell`` (``[B, 3, 3]``, rows = lattice
+        vectors) and ``pbc`` (``[B, 3]`` or ``[3]`` bool, default a slab), or a prebuilt ``lattice``:
+        the RPE is then the lattice sum ``f_per`` (DESIGN §7), exactly invariant to wrapping."""
         self._check_inputs(x, pos, padding_mask)
+        lattice = self._lattice(x, cell, pbc, lattice) if self._uses_rpe() else None
         B, L, D = x.shape
         if self.mode == "exact":
             q, k, v = self._project(x)
             out_dtype = v.dtype
             # The logits, mask and softmax run in fp32 even under bf16/fp16 autocast.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
+                bias = self.rpe.exact_mask(pos, lattice=lattice) if self._uses_rpe() else None
                 out = softmax_attention(
                     q, k, _acc(v), bias=bias, causal=self.causal, padding_mask=padding_mask,
                     dropout=self.dropout, training=self.training, scale=1.0,
@@ -294,7 +323,7 @@ class FLTAttention(nn.Module):
         else:
             # Projections run under the caller's autocast; the feature maps, RPE features and
             # sums run in fp32 (autocast off inside the feature code below).
-            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask)
+            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask, lattice=lattice)
             out_dtype = v.dtype
             with torch.autocast(device_type=x.device.type, enabled=False):
                 keep = None
@@ -318,6 +347,10 @@ class FLTAttention(nn.Module):
         x: torch.Tensor,
         pos: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        *,
+        cell: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+        lattice: PeriodicLattice | None = None,
     ) -> torch.Tensor:
         """Row-normalised attention matrix of the current mode, ``[B, H, L, L]`` (O(L^2)).
 
@@ -325,14 +358,15 @@ class FLTAttention(nn.Module):
         (``phi(Q^)_i . phi(K^)_j`` normalised), i.e. what the linear attention actually applies.
         """
         self._check_inputs(x, pos, padding_mask)
+        lattice = self._lattice(x, cell, pbc, lattice) if self._uses_rpe() else None
         if self.mode == "exact":
             q, k, _ = self._project(x)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
+                bias = self.rpe.exact_mask(pos, lattice=lattice) if self._uses_rpe() else None
                 return softmax_attention_weights(
                     _acc(q), _acc(k), bias=bias, causal=self.causal, padding_mask=padding_mask, scale=1.0
                 )
-        phi_q, phi_k, _ = self._linear_inputs(x, pos, padding_mask, with_values=False)
+        phi_q, phi_k, _ = self._linear_inputs(x, pos, padding_mask, with_values=False, lattice=lattice)
         return linear_attention_weights(phi_q, phi_k, causal=self.causal, padding_mask=padding_mask)
 
     def extra_repr(self) -> str:

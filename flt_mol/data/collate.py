@@ -34,7 +34,9 @@ class AtomsBatch:
         natoms [B] long (real atoms, images excluded); cell [B, 3, 3] float32;
         y_relaxed [B] float32 or None (None when any structure lacks it);
         displacement [B, L, 3] float32 or None (pos_relaxed - pos on real atoms, 0 elsewhere;
-        None when any structure lacks pos_relaxed); sid [B] long (-1 where absent).
+        None when any structure lacks pos_relaxed); sid [B] long (-1 where absent);
+        pbc [B, 3] bool, periodic flags per cell row (an item's ``pbc`` field, else OC20's slab
+        convention ``(True, True, False)``).
     """
 
     atomic_numbers: torch.Tensor
@@ -48,6 +50,7 @@ class AtomsBatch:
     y_relaxed: torch.Tensor | None
     displacement: torch.Tensor | None
     sid: torch.Tensor
+    pbc: torch.Tensor | None = None
 
     @property
     def real_mask(self) -> torch.Tensor:
@@ -125,6 +128,8 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
         else None
     )
     sid = torch.tensor([int(f["sid"]) if "sid" in f else -1 for f in fields], dtype=torch.long)
+    slab = torch.tensor([[True, True, False]])
+    pbc = torch.cat([f["pbc"].reshape(1, 3).bool() if "pbc" in f else slab for f in fields])
 
     if images is not None and len(images.shifts) > 0:
         # The image search works on the padded [B, N] layout; padding rows are masked out.
@@ -193,6 +198,7 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
         y_relaxed=y_relaxed,
         displacement=displacement,
         sid=sid,
+        pbc=pbc,
     )
 
 

@@ -221,6 +221,12 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
         natoms = n
     if type(current) is not int or current != natoms:
         updates["natoms"] = natoms
+    if "pbc" in mapping:  # optional periodic flags per cell row (default: a slab, (T, T, F))
+        pbc = _as_tensor(mapping["pbc"], source=source, field="pbc")
+        if check and pbc.numel() != 3:
+            raise OC20FormatError(f"{source}: field 'pbc' must have 3 entries (one per cell row), got {tuple(pbc.shape)}")
+        if pbc.dtype != torch.bool or pbc.shape != (1, 3):
+            updates["pbc"] = pbc.reshape(1, 3).bool()
     for field, kind in (("y_init", float), ("y_relaxed", float), ("sid", int)):
         value = mapping.get(field, _ABSENT)
         if value is not _ABSENT:
@@ -594,6 +600,7 @@ def atoms_to_data(
         natoms=n,
         tags=torch.tensor(atoms.get_tags(), dtype=torch.long),
         fixed=torch.from_numpy(fixed),
+        pbc=torch.tensor(np.asarray(atoms.get_pbc(), dtype=bool)).view(1, 3),
     )
     if sid is not None:
         data.sid = int(sid)

@@ -62,7 +62,10 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         pos: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        **geometry,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.norm1(x), pos, padding_mask))
+        """``geometry``: extra keyword arguments for the attention (e.g. ``lattice=`` of periodic
+        structures), passed through only when given so any attention module fits."""
+        x = x + self.dropout(self.attention(self.norm1(x), pos, padding_mask, **geometry))
         x = x + self.dropout(self.ffn(self.norm2(x)))
         return x

@@ -25,6 +25,7 @@ Einsum legend: b batch, c context channels, i/j atoms, f random features (2r), x
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,10 @@ __all__ = [
     "gaussian_context_exact",
     "displacement_sum",
     "displacement_sum_exact",
+    "periodic_context",
+    "periodic_context_exact",
+    "periodic_displacement",
+    "periodic_displacement_exact",
     "energy_readout",
 ]
 
@@ -78,6 +83,13 @@ class IS2REModelConfig:
     # rotating a structure together with its cell. "none": raw coordinates; the random-feature
     # attention and context are then rotation invariant only in expectation over feature draws.
     frame: str = "cell"
+    # How the model sees periodicity (DESIGN §7). "images": periodic images near the adsorbate
+    # are extra tokens (Graphormer-3D; a function of the unit-cell representation).
+    # "reciprocal": one token per atom; the attention RPE, the context sums and the
+    # displacement head are lattice sums estimated with random features on each structure's
+    # reciprocal lattice, exactly invariant to wrapping and to the choice of cell. ``frame`` is
+    # then the reduced cell's own frame.
+    periodic: str = "images"
 
     def validate(self) -> None:
         from flt_mol.train.config import ConfigError
@@ -87,6 +99,8 @@ class IS2REModelConfig:
         for name in ("rpe_sampler", "context_sampler"):
             if getattr(self, name) not in ("gaussian", "mixture", "standard"):
                 raise ConfigError(f"model.{name} must be gaussian, mixture or standard, got {getattr(self, name)!r}")
+        if self.periodic not in ("images", "reciprocal"):
+            raise ConfigError(f"model.periodic must be 'images' or 'reciprocal', got {self.periodic!r}")
         if self.frame not in ("cell", "none"):
             raise ConfigError(f"model.frame must be 'cell' or 'none', got {self.frame!r}")
         if self.context not in ("features", "exact"):
@@ -189,6 +203,77 @@ def displacement_sum_exact(mask_fn, *, pos: torch.Tensor, query: torch.Tensor, k
     pair = (keep[:, :, None] & keep[:, None, :]).to(f.dtype)
     w = torch.einsum("bijc,bic,bjc->bij", f * pair[..., None], query, key)
     return torch.einsum("bij,bijx->bix", w, -delta)
+
+
+def periodic_context(n1: torch.Tensor, n2: torch.Tensor, *, k0: torch.Tensor, f0: torch.Tensor,
+                     periodic: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """``c_i[c] = sum_{j real} f_c,per(r_i - r_j) - f_c(0)``: own periodic images included.
+
+    ``n1 . n2`` estimates ``f_per`` without its ``k = 0`` term ``k0`` (3D-periodic structures),
+    which is added exactly, once per real partner. On periodic structures the subtracted self term
+    is the exact ``f(0)`` (the ``n = 0`` image only), so the images of atom ``i`` itself stay in
+    and the context is the same in any supercell; on non-periodic ones it is ``n1_i . n2_i``
+    (the estimate of ``f(0)``, lower variance), as in :func:`gaussian_context`.
+
+    Shapes: ``n1, n2 [B, C, L, F]``, ``k0 [B, C]``, ``f0 [C]``, ``periodic [B]`` bool,
+    ``padding_mask [B, L]`` -> ``[B, L, C]`` (zero on padded rows).
+    """
+    keep = (~padding_mask).to(n1.dtype)  # [B, L]
+    total = torch.einsum("bcif,bcf->bci", n1, (n2 * keep[:, None, :, None]).sum(dim=2))
+    counts = keep.sum(1)  # [B]
+    est_self = (n1 * n2).sum(-1)  # [B, C, L]
+    self_term = torch.where(periodic[:, None, None], f0.to(n1.dtype)[None, :, None], est_self)
+    out = total + (k0.to(n1.dtype) * counts[:, None])[..., None] - self_term
+    return (out * keep[:, None, :]).transpose(1, 2)
+
+
+def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, *, query: torch.Tensor,
+                          key: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """Periodic displacement head: ``d_i = sum_c a_ic sum_j b_jc sum_n (D + nA) f_c(D + nA)``, ``D = r_j - r_i``.
+
+    For a Gaussian basis ``x f(x) = -s^2 grad f(x)``, so the lattice sum is the sine series
+    ``(1/V) sum_k 2 pi (sum_t s_t^2 ghat_t(k)) k sin(2 pi k . D)``; with the features' frequencies
+    and weights ``w = sum_t s_t^2 ghat_t(k) / (V p)`` (``periodic_weights(draw, moment=2)``) and
+    ``sin(t_j - t_i) = sin t_j cos t_i - cos t_j sin t_i`` it costs O(L F) per channel. Wrapping an
+    atom by a lattice vector changes nothing (the phases are wrapped).
+
+    Shapes: ``phase [B, C, L, F]``, ``weight [B, C, F]``, ``k [B, C, F, 3]`` (the frequencies in the
+    output's coordinates), ``query a, key b [B, L, C]``, ``padding_mask [B, L]`` -> ``[B, L, 3]``.
+    """
+    keep = (~padding_mask).to(phase.dtype)
+    cos, sin = torch.cos(phase), torch.sin(phase)
+    b = (key * keep[..., None]).transpose(1, 2)[..., None].to(phase.dtype)  # [B, C, L, 1]
+    S, C = (b * sin).sum(2), (b * cos).sum(2)  # [B, C, F]
+    scale = (2.0 * math.pi / phase.shape[-1]) * weight.to(phase.dtype)  # [B, C, F]
+    per = cos * (scale * S)[:, :, None, :] - sin * (scale * C)[:, :, None, :]  # [B, C, L, F]
+    vec = torch.einsum("bclf,bcfx->bclx", per, k.to(phase.dtype))  # [B, C, L, 3]
+    out = (vec * query.transpose(1, 2)[..., None].to(phase.dtype)).sum(dim=1)
+    return out * keep[..., None]
+
+
+def periodic_context_exact(rpe, pos: torch.Tensor, lattice, *, padding_mask: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`periodic_context` by real-space lattice sums (O(L^2 images)), ``[B, L, C]``."""
+    keep = ~padding_mask
+    mask = rpe.exact_mask(pos, lattice=lattice)  # [B, C, L, L], f_per
+    pair = (keep[:, :, None] & keep[:, None, :]).to(mask.dtype)
+    total = (mask * pair[:, None]).sum(-1)  # [B, C, L]
+    out = total - rpe.amplitudes.sum(-1).to(mask.dtype)[None, :, None]
+    return (out * keep[:, None, :].to(out.dtype)).transpose(1, 2)
+
+
+def periodic_displacement_exact(rpe, pos: torch.Tensor, lattice, *, query: torch.Tensor, key: torch.Tensor,
+                                padding_mask: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`periodic_displacement` by real-space lattice sums, ``[B, L, 3]`` (input coordinates)."""
+    from flt_mol.attention.periodic import gaussian_lattice_sum
+
+    frame = lattice.frame.to(pos.device)
+    r = torch.einsum("blx,bxk->blk", pos.double(), frame)
+    delta = r[:, None, :, :] - r[:, :, None, :]  # [B, i, j, 3] = r_j - r_i
+    vec = gaussian_lattice_sum(delta, lattice.to(pos.device), rpe.amplitudes, rpe.scales, vector=True)  # [B,i,j,C,3]
+    keep = ~padding_mask
+    pair = (keep[:, :, None] & keep[:, None, :]).to(vec.dtype)
+    w = torch.einsum("bijcx,bij,bic,bjc->bix", vec, pair, query.double(), key.double())
+    return torch.einsum("blk,bxk->blx", w, frame).to(pos.dtype)
 
 
 def energy_readout(atom_energy: torch.Tensor, *, tags: torch.Tensor, tag_factor: torch.Tensor,
@@ -305,7 +390,16 @@ class IS2REModel(nn.Module):
     def _context_features(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.context_rpe.features(pos, self.config.context_features, noise=self.context_noise)
 
+    def lattice(self, batch: Any):
+        """The batch's :class:`~flt_mol.attention.periodic.PeriodicLattice` (``periodic: reciprocal``)."""
+        from flt_mol.attention.periodic import PeriodicLattice
+
+        pbc = getattr(batch, "pbc", None)
+        return PeriodicLattice.from_cell(batch.cell, pbc if pbc is not None else None)
+
     def forward(self, batch: Any) -> dict[str, torch.Tensor | None]:
+        if self.config.periodic == "reciprocal":
+            return self._forward_reciprocal(batch)
         z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
         pad = batch.padding_mask
         frame = None
@@ -321,21 +415,11 @@ class IS2REModel(nn.Module):
         else:
             n1, n2 = self._context_features(pos)  # [B, C, L, 2r] each
             context = gaussian_context(n1, n2, padding_mask=pad)  # [B, L, C]
-        h = self.atom_embedding(z) + self.tag_embedding(tags) + self.context_proj(self.context_norm(context))
-        h = h * (~pad)[..., None].to(h.dtype)
-        for _ in range(self.config.blocks):  # iterative refinement with shared weights
-            for layer in self.layers:
-                h = layer(h, pos, pad)
-        h = self.final_norm(h)
-        atom_energy = self.energy_head(h).squeeze(-1)  # [B, L]
-        energy = energy_readout(atom_energy, tags=tags, tag_factor=self.tag_factor,
-                                readout_mask=real & (tags > 0))
+        h = self._trunk(z, tags, context, pad, pos=pos)
+        energy = self._energy(h, tags, real)
         displacement = None
         if self.disp_query is not None:
-            q, k = self.disp_query(h), self.disp_key(h)  # [B, L, C]
-            # Per channel, divide by the Gaussian neighbour count c_i (>= 1): the head then
-            # predicts a weighted mean of relative vectors (Angstrom scale) whatever the density.
-            q = q / context.clamp_min(1.0)
+            q, k = self._displacement_qk(h, context)
             if exact:
                 displacement = displacement_sum_exact(self.context_rpe.mask, pos=pos, query=q, key=k,
                                                       padding_mask=pad)
@@ -344,3 +428,54 @@ class IS2REModel(nn.Module):
             if frame is not None:  # back to the input's coordinates: v = v_local @ F^T
                 displacement = torch.einsum("blk,bxk->blx", displacement, frame)
         return {"energy": energy, "displacement": displacement}
+
+    def _forward_reciprocal(self, batch: Any) -> dict[str, torch.Tensor | None]:
+        """One token per atom; every geometric sum is a lattice sum (DESIGN §7)."""
+        from flt_mol.attention.rpe import features_from_angles
+
+        z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
+        pad = batch.padding_mask
+        lattice = self.lattice(batch)
+        periodic = lattice.periodic_dims > 0
+        real = ~pad & ~batch.is_image
+        exact = self.config.context == "exact"
+        rpe = self.context_rpe
+        if exact:
+            context = periodic_context_exact(rpe, pos, lattice, padding_mask=pad).to(pos.dtype)
+        else:
+            draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad)
+            n1, n2 = features_from_angles(draw.phase, rpe.periodic_weights(draw), balanced=True)
+            context = periodic_context(n1, n2, k0=rpe.periodic_k0(lattice), f0=rpe.amplitudes.sum(-1),
+                                       periodic=periodic, padding_mask=pad)
+        h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice)
+        energy = self._energy(h, tags, real)
+        displacement = None
+        if self.disp_query is not None:
+            q, k = self._displacement_qk(h, context)
+            if exact:
+                displacement = periodic_displacement_exact(rpe, pos, lattice, query=q, key=k, padding_mask=pad)
+            else:
+                # Frequencies in the input's coordinates: k_lab = k_frame @ F^T.
+                k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, lattice.frame)
+                displacement = periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab,
+                                                     query=q, key=k, padding_mask=pad).to(pos.dtype)
+        return {"energy": energy, "displacement": displacement}
+
+    def _trunk(self, z, tags, context, pad, *, pos, **geometry) -> torch.Tensor:
+        """Embeddings + context, then ``blocks`` passes of the shared layer stack; ``[B, L, D]``."""
+        h = self.atom_embedding(z) + self.tag_embedding(tags) + self.context_proj(self.context_norm(context))
+        h = h * (~pad)[..., None].to(h.dtype)
+        for _ in range(self.config.blocks):  # iterative refinement with shared weights
+            for layer in self.layers:
+                h = layer(h, pos, pad, **geometry)
+        return self.final_norm(h)
+
+    def _energy(self, h, tags, real) -> torch.Tensor:
+        atom_energy = self.energy_head(h).squeeze(-1)  # [B, L]
+        return energy_readout(atom_energy, tags=tags, tag_factor=self.tag_factor, readout_mask=real & (tags > 0))
+
+    def _displacement_qk(self, h, context) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.disp_query(h), self.disp_key(h)  # [B, L, C]
+        # Per channel, divide by the Gaussian neighbour count c_i (>= 1): the head then
+        # predicts a weighted mean of relative vectors (Angstrom scale) whatever the density.
+        return q / context.clamp_min(1.0), k

@@ -296,6 +296,11 @@ class IS2RETask(Task):
     def __init__(self, config: TrainConfig):
         super().__init__(config)
         data: IS2REDataConfig = config.data
+        if config.model.periodic == "reciprocal" and data.periodic_images:
+            raise ConfigError(
+                "data.periodic_images must be false with model.periodic: reciprocal "
+                "(the lattice sums replace the image tokens: one token per atom)"
+            )
         self.data = data
         self.batch_size = data.batch_size
         self.eval_batch_size = data.eval_batch_size
