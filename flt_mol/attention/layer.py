@@ -238,9 +238,30 @@ class FLTAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b h l d]
         return q, k, v
 
+    def rpe_features(
+        self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None, *, lattice: PeriodicLattice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's RPE features ``(n1, n2)``, each ``[B, H, L, 2r]`` fp32, from its fixed noise.
+
+        They depend only on the positions (and cell), the RPE parameters and the noise: a model
+        that applies the same layer several times to the same structure (iterative refinement)
+        computes them once and passes them to :meth:`forward` as ``rpe_features``.
+        """
+        if self.mode != "flt":
+            raise ValueError(f"rpe_features are used by mode='flt' only (this layer is {self.mode!r})")
+        with torch.autocast(device_type=pos.device.type, enabled=False):
+            if lattice is not None:  # periodic: wrapped fractional phases, nothing to centre
+                return self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split,
+                                         lattice=lattice, padding_mask=padding_mask)
+            pos = center_positions(
+                pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
+            )
+            return self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+
     def _linear_inputs(
         self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *,
         with_values: bool = True, lattice: PeriodicLattice | None = None,
+        rpe_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(phi(Q^), phi(K^), V)`` for the linear modes; features ``[B, H, L, m]`` in fp32.
 
@@ -252,15 +273,7 @@ class FLTAttention(nn.Module):
         device_type = x.device.type
         n1 = n2 = None
         if self.mode == "flt":
-            with torch.autocast(device_type=device_type, enabled=False):
-                if lattice is not None:  # periodic: wrapped fractional phases, nothing to centre
-                    n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split,
-                                               lattice=lattice, padding_mask=padding_mask)
-                else:
-                    pos = center_positions(
-                        pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
-                    )
-                    n1, n2 = self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+            n1, n2 = rpe_features if rpe_features is not None else self.rpe_features(pos, padding_mask, lattice=lattice)
         q = self._project_one(x, 0)
         with torch.autocast(device_type=device_type, enabled=False):
             q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
@@ -303,10 +316,12 @@ class FLTAttention(nn.Module):
         cell: torch.Tensor | None = None,
         pbc: torch.Tensor | None = None,
         lattice: PeriodicLattice | None = None,
+        rpe_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention over ``x``; periodic structures pass ``cell`` (``[B, 3, 3]``, rows = lattice
         vectors) and ``pbc`` (``[B, 3]`` or ``[3]`` bool, default a slab), or a prebuilt ``lattice``:
-        the RPE is then the lattice sum ``f_per`` (DESIGN §7), exactly invariant to wrapping."""
+        the RPE is then the lattice sum ``f_per`` (DESIGN §7), exactly invariant to wrapping.
+        ``rpe_features``: this layer's :meth:`rpe_features` for the same positions, precomputed."""
         self._check_inputs(x, pos, padding_mask)
         lattice = self._lattice(x, cell, pbc, lattice) if self._uses_rpe() else None
         B, L, D = x.shape
@@ -323,7 +338,7 @@ class FLTAttention(nn.Module):
         else:
             # Projections run under the caller's autocast; the feature maps, RPE features and
             # sums run in fp32 (autocast off inside the feature code below).
-            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask, lattice=lattice)
+            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask, lattice=lattice, rpe_features=rpe_features)
             out_dtype = v.dtype
             with torch.autocast(device_type=x.device.type, enabled=False):
                 keep = None

@@ -347,10 +347,16 @@ def periodic_mixture_log_density(
     s = sigma.double()[None, :, None, :, None]  # [1, H, 1, T, 1]
     kk = k[..., None, :]  # [B, H, F, 1, 3]
     half = 0.5 / torch.diagonal(basis.double(), dim1=-2, dim2=-1)[:, None, None, None, :]  # [B,1,1,1,3]
-    log_box = log_box_mass(kk, half, s)
     log_gauss = -0.5 * (kk / s) ** 2 - 0.5 * math.log(2.0 * math.pi) - torch.log(s)
     periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
-    per_term = torch.where(periodic, log_box, log_gauss).sum(-1)  # [B, H, F, T]
+    # Box masses (the costly part) only for the coordinates some structure snaps.
+    nper = int(periodic_dims.max()) if periodic_dims.numel() else 0
+    per_coord = log_gauss
+    if nper > 0:
+        log_box = log_box_mass(kk[..., :nper], half[..., :nper], s)
+        per_coord = torch.cat([torch.where(periodic[..., :nper], log_box, log_gauss[..., :nper]),
+                               log_gauss[..., nper:]], dim=-1)
+    per_term = per_coord.sum(-1)  # [B, H, F, T]
     return torch.logsumexp(per_term, dim=-1) - math.log(sigma.shape[-1])
 
 

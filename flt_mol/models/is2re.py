@@ -465,9 +465,16 @@ class IS2REModel(nn.Module):
         """Embeddings + context, then ``blocks`` passes of the shared layer stack; ``[B, L, D]``."""
         h = self.atom_embedding(z) + self.tag_embedding(tags) + self.context_proj(self.context_norm(context))
         h = h * (~pad)[..., None].to(h.dtype)
+        # Each layer's RPE features depend on the geometry only: computed once, reused by every
+        # refinement block.
+        per_layer = [
+            dict(geometry, rpe_features=layer.attention.rpe_features(pos, pad, **geometry))
+            if layer.attention.mode == "flt" else geometry
+            for layer in self.layers
+        ]
         for _ in range(self.config.blocks):  # iterative refinement with shared weights
-            for layer in self.layers:
-                h = layer(h, pos, pad, **geometry)
+            for layer, extra in zip(self.layers, per_layer):
+                h = layer(h, pos, pad, **extra)
         return self.final_norm(h)
 
     def _energy(self, h, tags, real) -> torch.Tensor:
