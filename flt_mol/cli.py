@@ -25,6 +25,7 @@ import importlib
 import os
 import re
 import sys
+import textwrap
 import traceback
 from collections.abc import Iterator
 
@@ -46,12 +47,26 @@ COMMAND_MODULES: list[tuple[str, str]] = [
 DEBUG_ENV = "FLT_MOL_DEBUG"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions printed as written; ``(default: X)`` appended to every option's help.
+class HelpFormatter(argparse.HelpFormatter):
+    """Paragraphs of descriptions kept (each wrapped to the terminal, a hanging indent kept);
+    ``(default: X)`` appended to every option's help.
 
     Not for defaults that say nothing (``None``, ``False`` of a flag, suppressed) nor when the
     help already states its default.
     """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in text.strip().split("\n\n"):
+            lines = para.splitlines()
+            hanging = re.match(r"\s*", lines[1]).group() if len(lines) > 1 else ""
+            paragraphs.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                            initial_indent=indent, subsequent_indent=indent + hanging,
+                                            break_on_hyphens=False))
+        return "\n\n".join(paragraphs)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help if action.help is not None else ""

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic structures")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (default: print only)")
     parser.set_defaults(func=run)
     return parser
 
