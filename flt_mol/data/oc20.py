@@ -278,6 +278,8 @@ def _decode_entry(raw: bytes, *, source: str, check: bool) -> Data:
 def _open_read(path: Path) -> Any:
     import lmdb
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise OC20FormatError(f"{path}: empty file (expected an OC20 LMDB: a .lmdb file or a folder of shards)")
     try:
         return lmdb.open(str(path), **LMDB_READ_KWARGS)
     except lmdb.Error as err:

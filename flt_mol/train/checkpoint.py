@@ -118,8 +118,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         config = ckpt["config"]
         found = config.get("task") if isinstance(config, dict) else None
         if found != task:
+            names = {"is2re": "IS2RE", "lm": "LM", "vit": "ViT"}
             raise CheckpointError(
-                f"not a flt_mol {task} checkpoint: {path} (expected a model of task {task!r}, "
-                f"this one holds task {found!r})"
+                f"not a flt_mol {names.get(task, task)} checkpoint: {path} (expected a model of task "
+                f"{task!r}, this one holds task {found!r})"
             )
     return ckpt

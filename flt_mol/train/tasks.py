@@ -86,6 +86,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def summary_metric(self, metrics: Mapping[str, Any]) -> float: ...
 
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        """``(name with unit, value)`` of the validation metric a person follows: logged after
+        each in-training evaluation and drawn on the learning curve's validation axis."""
+        return "validation summary metric", self.summary_metric(metrics)
+
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return "\n".join(f"{k}: {v}" for k, v in metrics.items())
 
@@ -468,6 +473,11 @@ class IS2RETask(Task):
     def summary_metric(self, metrics: Mapping[str, Any]) -> float:
         key = "average" if "average" in metrics else next(iter(metrics))
         return float(metrics[key]["energy_mae"])
+
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        key = "average" if "average" in metrics else next(iter(metrics))
+        name = "average energy MAE (eV)" if key == "average" else f"{key} energy MAE (eV)"
+        return name, self.summary_metric(metrics)
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return format_table(metrics)
