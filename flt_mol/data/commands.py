@@ -166,16 +166,18 @@ def read_structures(
 
     Raises:
         FileNotFoundError: an input does not exist.
-        UsageError: a bad ``mode`` or ``calc_energy`` (both are ``ValueError``).
+        UsageError: a bad ``mode``, ``calc_energy`` or ``format`` (a ``ValueError``).
         InputError: an input cannot be read by ASE in the given format, or selects no frames.
     """
     import ase.io
-    from ase.io.formats import UnknownFileTypeError, filetype
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     if mode not in ("auto", "frames", "relaxation"):
         raise UsageError(f"mode must be auto, frames or relaxation, got {mode!r}")
     if calc_energy not in _CALC_ENERGY_CHOICES:
         raise UsageError(f"calc_energy must be one of {_CALC_ENERGY_CHOICES}, got {calc_energy!r}")
+    if format is not None and format not in ioformats:
+        raise UsageError(f"format {format!r} is not an ASE format (see `ase info --formats`)")
     count = 0
     for file_number, name in enumerate(inputs):
         path = Path(name)

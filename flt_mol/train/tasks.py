@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from flt_mol.models.is2re import IS2REModel, IS2REModelConfig
 from flt_mol.train import distributed
-from flt_mol.errors import InputError
+from flt_mol.errors import UsageError
 from flt_mol.train.config import ConfigError, TrainConfig
 from flt_mol.train.metrics import average_entry, energy_totals, format_table, metrics_from_totals
 
@@ -447,14 +447,14 @@ class IS2RETask(Task):
         receives this rank's ``(targets, predictions)`` per split (numpy) for parity plots.
 
         Raises:
-            InputError: (a ``ValueError``) a split has no ``y_relaxed`` targets (use ``flt-mol predict`` for those).
+            UsageError: (a ``ValueError``) a split has no ``y_relaxed`` targets (use ``flt-mol predict`` for those).
         """
         metrics: dict[str, Any] = {}
         for name, loader in loaders.items():
             _, pred, target = self.predict(model, loader)
             missing = torch.tensor([1.0 if target is None and len(pred) > 0 else 0.0])
             if float(distributed.all_reduce_sum(missing)) > 0:
-                raise InputError(
+                raise UsageError(
                     f"split {name!r} has no energy targets (y_relaxed): it cannot be evaluated; "
                     "use `flt-mol predict CHECKPOINT --data PATH --out FILE.npz` for predictions"
                 )
