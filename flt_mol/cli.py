@@ -29,7 +29,7 @@ import textwrap
 import traceback
 from collections.abc import Iterator
 
-__all__ = ["main", "build_parser", "HelpFormatter", "exit_code_for"]
+__all__ = ["main", "build_parser", "parse_args", "HelpFormatter", "exit_code_for"]
 
 # (command, module that defines it). Modules are imported only to build the parser, and keep
 # their heavy imports inside the command functions so `flt-mol --help` stays fast.
@@ -176,8 +176,8 @@ def _debug_requested(args: argparse.Namespace) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the overrides rule of the module docstring."""
     # Overrides after options (`flt-mol train RECIPE --out DIR key=value ...`): argparse stops
     # filling positionals once an option has been seen, so trailing key=value words come back
     # as extras. They go to the commands that declare an `overrides` positional, in key=value
@@ -187,8 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         accepts = isinstance(getattr(args, "overrides", None), list)
         bad = [e for e in extras if e.startswith("-") or "=" not in e]
         if not accepts or bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad if accepts else extras)}")
+            # Report it with the sub-command's usage, not the top-level one.
+            leaf = {p.prog: p for p, _ in walk_parsers(parser)}.get(getattr(args, "_prog", None), parser)
+            hint = " (overrides are key=value)" if accepts else ""
+            leaf.error(f"unrecognized arguments: {' '.join(bad if accepts else extras)}{hint}")
         args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import ase.db
 import ase.io
 import numpy as np
