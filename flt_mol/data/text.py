@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from flt_mol.errors import InputError
+
 __all__ = [
     "Vocab",
     "build_vocab",
@@ -92,14 +94,14 @@ def _read_text(path: str | os.PathLike) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def read_wikitext_tokens(path: str | os.PathLike) -> list[str]:
     """Words of a WikiText token file, ``<eos>`` after every line (blank lines included)."""
     text = _read_text(path)
     if not text.strip():
-        raise ValueError(f"{os.fspath(path)}: token file is empty")
+        raise InputError(f"{os.fspath(path)}: token file is empty")
     words: list[str] = []
     for line in text.splitlines():
         words.extend(line.split())

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from flt_mol.models.is2re import IS2REModel, IS2REModelConfig
 from flt_mol.train import distributed
-from flt_mol.errors import UsageError
+from flt_mol.errors import InputError, UsageError
 from flt_mol.train.config import ConfigError, TrainConfig
 from flt_mol.train.metrics import average_entry, energy_totals, format_table, metrics_from_totals
 
@@ -338,7 +338,7 @@ class IS2RETask(Task):
         ds = self.train_dataset()
         items = [ds[i] for i in range(len(ds))]
         if any(getattr(d, "y_relaxed", None) is None for d in items):
-            raise ValueError(f"training data {self.data.train!r} has structures without y_relaxed")
+            raise InputError(f"training data {self.data.train!r} has structures without y_relaxed")
         self.normalizer = _fit_normalizer(items, references=self.data.element_references,
                                           normalize=self.data.normalize_energy)
         sq, n = 0.0, 0
