@@ -227,3 +227,23 @@ def test_commands_without_overrides_refuse_them(capsys):
         parse_args(build_parser(), ["evaluate", "C", "--out", "x", "a=1"])
     assert info.value.code == 2
     assert "flt-mol evaluate: error: unrecognized arguments: a=1" in capsys.readouterr().err
+
+
+def test_models_and_data_do_not_know_train_or_the_command_line():
+    """models/ raise ConfigError without importing train/; data code does not import the CLI."""
+    code = (
+        "import sys, flt_mol.models, flt_mol.models.lm, flt_mol.models.vit, flt_mol.data.emt\n"
+        "from flt_mol.models.is2re import IS2REModelConfig\n"
+        "from flt_mol.errors import ConfigError\n"
+        "try:\n"
+        "    IS2REModelConfig(attention='nope').validate()\n"
+        "except ConfigError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no ConfigError')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('flt_mol.train') or m == 'flt_mol.cli')\n"
+        "raise SystemExit(' '.join(bad))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
