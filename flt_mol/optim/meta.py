@@ -23,11 +23,9 @@ import csv
 import dataclasses
 import math
 import os
-import pickle
 import time
 import typing
 from dataclasses import dataclass, field
-import zipfile
 from pathlib import Path
 
 import torch
@@ -232,18 +230,10 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
 
 def _load_checked(path: Path) -> dict:
     """A learned-optimiser checkpoint, or :class:`CheckpointError` saying what the file is not."""
+    from flt_mol.train.checkpoint import load_torch_file
+
     expected = f"expected a learned-optimiser checkpoint written by flt-mol optim meta-train (format {CHECKPOINT_FORMAT})"
-    if not path.is_file() or path.stat().st_size == 0:
-        what = "a folder" if path.is_dir() else "an empty file"
-        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}; this is {what})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError,
-            AttributeError, ImportError, ValueError, TypeError) as err:
-        reason = " ".join(str(err).split())[:160]
-        raise CheckpointError(
-            f"not a flt_mol checkpoint: {path} ({expected}; torch.load failed: {type(err).__name__}: {reason})"
-        ) from err
+    ckpt = load_torch_file(path, expected=expected)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = "; this is a flt-mol train checkpoint" if isinstance(ckpt, dict) and "model" in ckpt else ""
         raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}{hint})")
@@ -252,10 +242,7 @@ def _load_checked(path: Path) -> dict:
 
 def load_rule(path: str | os.PathLike) -> tuple[LearnedUpdateRule | SwarmUpdateRule, MetaTrainConfig]:
     """Load a meta-trained rule (eval mode) and its config from a checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = _load_checked(path)
+    ckpt = _load_checked(Path(path))
     config = config_from_dict(MetaTrainConfig, ckpt["config"], where=f"{path}:config")
     rule = build_rule(config)
     rule.load_state_dict(ckpt["rule"])

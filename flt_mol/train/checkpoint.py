@@ -64,6 +64,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_torch_file(path: str | Path, *, expected: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` a file the user named, saying what it is not when it cannot be read.
+
+    Args:
+        path: the file.
+        expected: what the file should have been, for the message (``expected ...``).
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: ``not a flt_mol checkpoint: PATH (EXPECTED; why)``: a folder, an empty
+            file, or a file ``torch.load`` cannot read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}; this is a folder)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}; the file is empty)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError,
+            AttributeError, ImportError, ValueError, TypeError) as err:
+        # torch raises all of these for files it cannot read (a text file: UnpicklingError; a
+        # zip that is not a torch archive or a torn file: RuntimeError; a pickle of a class
+        # that no longer exists: AttributeError / ImportError).
+        reason = " ".join(str(err).split())[:160]
+        raise CheckpointError(
+            f"not a flt_mol checkpoint: {path} ({expected}; torch.load failed: {type(err).__name__}: {reason})"
+        ) from err
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
                     task: str | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`flt_mol.train.loop.train`, checking what was opened.
@@ -83,23 +116,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             holds another task.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({_EXPECTED}; this is a folder)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({_EXPECTED}; the file is empty)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError,
-            AttributeError, ImportError, ValueError, TypeError) as err:
-        # torch raises all of these for files it cannot read (a text file: UnpicklingError; a
-        # zip that is not a torch archive or a torn file: RuntimeError; a pickle of a class
-        # that no longer exists: AttributeError / ImportError).
-        reason = " ".join(str(err).split())[:160]
-        raise CheckpointError(
-            f"not a flt_mol checkpoint: {path} ({_EXPECTED}; torch.load failed: {type(err).__name__}: {reason})"
-        ) from err
+    ckpt = load_torch_file(path, expected=_EXPECTED, map_location=map_location)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"not a flt_mol checkpoint: {path} ({_EXPECTED}; it holds a {type(ckpt).__name__})")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from flt_mol.errors import InputError, UsageError
 from flt_mol.models.is2re import IS2REModel, IS2REModelConfig
 from flt_mol.train import distributed
-from flt_mol.errors import InputError, UsageError
 from flt_mol.train.config import ConfigError, TrainConfig
 from flt_mol.train.metrics import average_entry, energy_totals, format_table, metrics_from_totals
 
@@ -447,7 +447,8 @@ class IS2RETask(Task):
         receives this rank's ``(targets, predictions)`` per split (numpy) for parity plots.
 
         Raises:
-            UsageError: (a ``ValueError``) a split has no ``y_relaxed`` targets (use ``flt-mol predict`` for those).
+            UsageError: (a ``ValueError``) a split has no ``y_relaxed`` targets (use
+                ``flt-mol predict`` for those).
         """
         metrics: dict[str, Any] = {}
         for name, loader in loaders.items():
