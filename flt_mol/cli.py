@@ -12,7 +12,7 @@ Rules every command follows (applied here, once, rather than in each command):
   exit code 2 for a wrong request (argument, option, config key or value, missing path) or 1
   for a failure (a file that exists but cannot be used, a permission problem). ``--debug`` or
   ``FLT_MOL_DEBUG=1`` prints the traceback as well. Any other exception is a bug and keeps its
-  traceback.
+  traceback. Ctrl-C ends with ``flt-mol COMMAND: interrupted`` and exit code 130.
 * **Overrides.** Commands that read a recipe take ``key=value`` overrides anywhere after the
   recipe, before or after the options (``flt-mol train RECIPE --out DIR optim.lr=1e-3``).
 * **Help.** Every command has a description and every option a help text; defaults are shown.
@@ -201,15 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    prog = getattr(args, "_prog", "flt-mol")
     try:
         result = args.func(args)
+    except KeyboardInterrupt:
+        if _debug_requested(args):
+            traceback.print_exc()
+        # Outputs are written atomically: an interrupted run leaves the previous files, and
+        # `flt-mol train ... --resume` continues from the last checkpoint.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - re-raised unless it is one of the expected kinds
         code = exit_code_for(err)
         if code is None:
             raise
         if _debug_requested(args):
             traceback.print_exc()
-        print(f"{getattr(args, '_prog', 'flt-mol')}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return code
     return int(result) if isinstance(result, int) else 0
 

@@ -137,6 +137,29 @@ def test_bugs_keep_their_traceback(monkeypatch):
         main(["train", str(RECIPE), "--out", "x"])
 
 
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    import flt_mol.train.commands as commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(commands, "cmd_train", interrupted)
+    assert main(["train", str(RECIPE), "--out", "x"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["flt-mol train: interrupted"]
+
+
+def test_dataset_info_says_where_the_lmdbs_are(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLT_MOL_DATA_DIR", str(tmp_path / "cache"))
+    assert main(["dataset", "info"]) == 0
+    printed = capsys.readouterr().out
+    assert f"LMDB cache: {tmp_path / 'cache' / 'emt_is2re'}" in printed
+    for split in ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both"):
+        assert f"{split}.lmdb  (not built yet)" in printed
+    assert main(["dataset", "info", "--root", str(tmp_path / "other")]) == 0
+    assert str(tmp_path / "other" / "emt_is2re") in capsys.readouterr().out
+
+
 def test_exit_codes_of_the_error_family():
     assert issubclass(ConfigError, UsageError) and issubclass(CheckpointError, InputError)
     for err_type in (FltMolError, UsageError, ConfigError, InputError, CheckpointError):
