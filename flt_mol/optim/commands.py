@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     mt.add_argument("recipe", metavar="RECIPE", help="YAML recipe (recipes/optim_*.yaml)")
     mt.add_argument("--out", required=True, metavar="DIR",
                     help="output folder (checkpoint.pt, meta_log.csv, summary.json)")
-    mt.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint.pt exists")
+    mt.add_argument("--no-resume", action="store_true", help="start over even if DIR/checkpoint.pt exists")
     mt.add_argument("--progress", action="store_true", help="show a progress bar")
     mt.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     mt.set_defaults(func=_meta_train)
