@@ -66,6 +66,7 @@ BAD_INPUT = [
     (["dataset", "info", "--source", "{out}"], 2, ["train.npz"]),
     (["bench", "attention", "--lengths", "0", "--out", "{out}"], 2, ["--lengths"]),
     (["bench", "rpe", "--heads", "0", "--out", "{out}"], 2, ["--heads"]),
+    (["bench", "data", "--num-structures", "0"], 2, ["--num-structures"]),
     (["viz", "attention-maps", "{is2re_ckpt}", "--out", "{out}"], 1, ["LM checkpoint", "is2re.pt", "'is2re'"]),
     (["viz", "local-rpe", "--out", "{out}", "--checkpoint", "{empty}"], 1, ["not a flt_mol checkpoint:", "empty.bin"]),
     (["optim", "meta-train", "{missing}", "--out", "{out}"], 2, ["nope.yaml", "does not exist"]),
