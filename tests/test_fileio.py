@@ -59,3 +59,12 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
             fh.write("new")
             raise RuntimeError("interrupted")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_an_unwritable_target_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as info:
+        with atomic_write(blocker / "metrics.json") as fh:
+            fh.write("{}")
+    assert info.value.filename == str(blocker / "metrics.json")
