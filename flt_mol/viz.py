@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from flt_mol.errors import CheckpointError, UsageError
+
 __all__ = ["add_parser", "locality_statistic", "local_rpe_grid", "rpe_mask_grid"]
 
 
@@ -60,7 +62,7 @@ def locality_statistic(attn: torch.Tensor, *, causal: bool, fraction: float = 0.
     k = torch.round(fraction * n.double()).long()
     rows = n >= math.ceil(1.0 / fraction)
     if not bool(rows.any()):
-        raise ValueError(f"sequence of {length} tokens is too short for the {fraction:.0%} statistic")
+        raise UsageError(f"sequence of {length} tokens is too short for the {fraction:.0%} statistic")
     # Rank keys by distance (ties by index), invisible keys last for "near" and first for "far".
     tiebreak = i[None, :].double() / (2 * length)
     near_key = torch.where(visible, dist + tiebreak, torch.full_like(dist, float("inf")))
@@ -90,7 +92,7 @@ def local_rpe_grid(
 
     v = torch.tensor(half_widths, dtype=torch.float32)
     if v.shape != (2,) or bool((v <= 0).any()):
-        raise ValueError(f"half_widths must be two positive numbers, got {half_widths}")
+        raise UsageError(f"half_widths must be two positive numbers, got {half_widths}")
     rpe = LocalRPE(1, 1, 2, lattice=lattice, order=order)
     with torch.no_grad():
         # half_widths = softplus(raw) + 1e-3  ->  raw = softplus^-1(v - 1e-3)
@@ -165,17 +167,15 @@ def cmd_attention_maps(args: argparse.Namespace) -> int:
     from flt_mol.attention import FLTAttention
     from flt_mol.train.commands import load_for_inference
 
-    task, model = load_for_inference(args.checkpoint, args.device)
-    if task.config.task != "lm":
-        raise ValueError(f"attention-maps needs an LM checkpoint; {args.checkpoint} is task {task.config.task!r}")
+    task, model = load_for_inference(args.checkpoint, args.device, task="lm")
     first = model.blocks[args.layer].attention if 0 <= args.layer < len(model.blocks) else None
     if first is None:
-        raise ValueError(f"--layer must be in [0, {len(model.blocks)}), got {args.layer}")
+        raise UsageError(f"--layer must be in [0, {len(model.blocks)}), got {args.layer}")
     if not isinstance(first, FLTAttention):
-        raise ValueError(f"attention-maps needs FLTAttention layers; this model uses {type(first).__name__}")
+        raise CheckpointError(f"{args.checkpoint}: attention-maps needs FLTAttention layers; this model uses {type(first).__name__}")
     dataset = task.train_dataset() if args.split == "train" else task.val_datasets()["val"]
     if not 0 <= args.index < len(dataset):
-        raise ValueError(f"--index must be in [0, {len(dataset)}) for the {args.split} split, got {args.index}")
+        raise UsageError(f"--index must be in [0, {len(dataset)}) for the {args.split} split, got {args.index}")
     tokens, _ = dataset[args.index]
     if args.length is not None:
         tokens = tokens[: args.length]
@@ -257,7 +257,7 @@ def cmd_local_rpe(args: argparse.Namespace) -> int:
     _, model = load_for_inference(args.checkpoint, "cpu")
     rpes = [(name, m) for name, m in model.named_modules() if isinstance(m, SpectralRPE)]
     if not rpes:
-        raise ValueError(f"{args.checkpoint}: the model has no learned RPE to draw")
+        raise CheckpointError(f"{args.checkpoint}: the model has no learned RPE to draw")
     written = []
     for name, rpe in rpes:
         heads = rpe.num_heads
@@ -289,7 +289,7 @@ def cmd_local_rpe(args: argparse.Namespace) -> int:
         plt.close(fig)
         written.append(path)
     if not written:
-        raise ValueError(f"{args.checkpoint}: no 1D or 2D RPE to draw")
+        raise CheckpointError(f"{args.checkpoint}: no 1D or 2D RPE to draw")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -304,16 +304,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--layer", type=int, default=0, help="block whose attention is drawn (paper: the first)")
     a.add_argument("--split", choices=("train", "val"), default="train", help="where the sequence comes from")
     a.add_argument("--index", type=int, default=0, help="which block of that split")
-    a.add_argument("--length", type=int, default=None, help="use only the first N tokens")
-    a.add_argument("--seed", type=int, default=None, help="redraw the random features with this seed first")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--length", type=int, default=None, help="use only the first N tokens (default: the whole block)")
+    a.add_argument("--seed", type=int, default=None,
+                   help="redraw the random features with this seed first (default: keep the trained draw)")
+    a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a.set_defaults(func=cmd_attention_maps)
 
     r = sub.add_parser("local-rpe", help="2D local RPE shapes (paper Fig. 4), given or learned")
     r.add_argument("--out", type=Path, required=True, help="output folder")
-    r.add_argument("--half-widths", type=float, nargs=2, default=(3.0, 2.0), metavar=("V1", "V2"))
+    r.add_argument("--half-widths", type=float, nargs=2, default=(3.0, 2.0), metavar=("V1", "V2"),
+                   help="half-widths v1, v2 of the box along each axis")
     r.add_argument("--order", type=int, default=2, help="k of the continuous mask (>= 2)")
     r.add_argument("--amplitude", type=float, default=1.0, help="C, the peak value")
-    r.add_argument("--extent", type=float, default=None, help="half-width of the plotted range of offsets")
-    r.add_argument("--checkpoint", type=Path, default=None, help="draw the learned RPE(s) of this model instead")
+    r.add_argument("--extent", type=float, default=None, help="half-width of the plotted range of offsets (default: from the half-widths)")
+    r.add_argument("--checkpoint", type=Path, default=None, help="draw the learned RPE(s) of this model instead (default: the given shape)")
     r.set_defaults(func=cmd_local_rpe)

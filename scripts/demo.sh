@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job (run after scripts/setup.sh): train the FLT IS2RE model on the embedded EMT-IS2RE
 # data set (recipes/emt_is2re_flt.yaml, CPU, about 10 minutes on 2 cores), evaluate it on the
-# four validation splits and print energy MAE / MSE / EwT beside the trivial baselines.
+# four validation splits and print energy MAE / MSE / EwT beside the trivial baselines (training
+# logs one line per evaluation; the table is printed once, by `flt-mol evaluate`).
 #
 #   bash scripts/demo.sh                   # fresh run into runs/emt_is2re_flt
 #   OUT=runs/x bash scripts/demo.sh run.steps=500     # extra arguments are config overrides

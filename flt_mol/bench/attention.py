@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from flt_mol.errors import UsageError
+
 __all__ = ["add_arguments", "run", "estimate_exact_bytes", "METHODS"]
 
 METHODS = ("flt", "performer", "exact", "loglinear", "cosformer", "performer_pytorch")
@@ -48,29 +50,30 @@ RPE_CHOICES = ("gaussian_basis", "local", "gaussian_mixture", "kernel")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192],
+                        help="sequence lengths L to time")
+    parser.add_argument("--batch", type=int, default=2, help="batch size B")
     parser.add_argument(
         "--methods", nargs="+", default=["flt", "performer", "exact", "performer_pytorch"],
-        choices=METHODS,
+        choices=METHODS, metavar="METHOD", help=f"attention methods to time, among {', '.join(METHODS)}",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per row")
     parser.add_argument("--out", type=Path, required=True, help="output JSON (list of rows)")
-    parser.add_argument("--plot", type=Path, default=None, help="optional PNG of time and memory vs L")
-    parser.add_argument("--embed-dim", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--ffn-dim", type=int, default=3072)
-    parser.add_argument("--num-kernel-features", type=int, default=64, help="m")
-    parser.add_argument("--num-rpe-features", type=int, default=16, help="r")
-    parser.add_argument("--rpe", choices=RPE_CHOICES, default="gaussian_basis")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw time and memory vs L (PNG) here")
+    parser.add_argument("--embed-dim", type=int, default=768, help="model width D")
+    parser.add_argument("--heads", type=int, default=12, help="attention heads H")
+    parser.add_argument("--ffn-dim", type=int, default=3072, help="feed-forward width")
+    parser.add_argument("--num-kernel-features", type=int, default=64, help="m, FAVOR+ random features")
+    parser.add_argument("--num-rpe-features", type=int, default=16, help="r, RPE random features")
+    parser.add_argument("--rpe", choices=RPE_CHOICES, default="gaussian_basis", help="RPE family of the FLT layer")
     parser.add_argument("--num-kernels", type=int, default=32, help="T terms of the RPE (paper IS2RE: 32)")
-    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--causal", action="store_true", help="causal (LM) attention instead of bidirectional")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     parser.add_argument(
         "--mem-budget-gb", type=float, default=8.0,
         help="skip the exact method when its estimated L^2 memory exceeds this",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and random features")
 
 
 def estimate_exact_bytes(batch: int, heads: int, length: int) -> int:
@@ -283,11 +286,11 @@ def run_rows(args: argparse.Namespace, *, log=print) -> list[dict]:
     """Run every (method, length); return the JSON rows."""
     for name in ("batch", "repeats", "threads"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if any(L < 1 for L in args.lengths):
-        raise ValueError(f"--lengths must be positive, got {args.lengths}")
+        raise UsageError(f"--lengths must be positive, got {args.lengths}")
     if args.embed_dim % args.heads != 0:
-        raise ValueError(f"--embed-dim ({args.embed_dim}) must be divisible by --heads ({args.heads})")
+        raise UsageError(f"--embed-dim ({args.embed_dim}) must be divisible by --heads ({args.heads})")
     base = {
         "batch": args.batch, "embed_dim": args.embed_dim, "heads": args.heads, "ffn_dim": args.ffn_dim,
         "num_kernel_features": args.num_kernel_features, "num_rpe_features": args.num_rpe_features,

@@ -27,18 +27,31 @@ def _run_rpe(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Add ``bench`` and its sub-commands to the ``flt-mol`` parser."""
-    bench = subparsers.add_parser("bench", help="benchmarks: attention speed/memory, RPE error, data pipeline")
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks: attention speed/memory, RPE error, data pipeline",
+        description="Benchmarks: forward time and peak memory of attention layers (paper Fig. 1), the "
+        "max-norm error of RPE random features (paper Thm 4.2), and data-pipeline throughput.",
+    )
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     # Light modules: their heavy imports (torch, ase, lmdb) live inside their functions.
     from flt_mol.bench import attention, data_pipeline, rpe
 
-    p = sub.add_parser("attention", help="forward time and peak memory vs length (paper Fig. 1)")
+    p = sub.add_parser(
+        "attention", help="forward time and peak memory vs length (paper Fig. 1)",
+        description="Forward time and peak memory of one pre-LN layer per attention method and sequence "
+        "length (paper Fig. 1), each run in a fresh process; a method that would not fit the memory "
+        "budget gets a row with nulls and the reason.",
+    )
     attention.add_arguments(p)
     p.set_defaults(func=_run_attention)
 
-    p = sub.add_parser("rpe", help="RPE mask max-norm error vs number of features (paper Thm 4.2)")
+    p = sub.add_parser(
+        "rpe", help="RPE mask max-norm error vs number of features (paper Thm 4.2)",
+        description="Max-norm error of the random-feature RPE mask estimate against the exact mask, per "
+        "family, length and number of features, beside the Thm 4.2 bound and the constant c = max |g|/p.",
+    )
     rpe.add_arguments(p)
     p.set_defaults(func=_run_rpe)
 

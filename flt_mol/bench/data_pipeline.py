@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic structures")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (default: print only)")
     parser.set_defaults(func=run)
     return parser
 
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from flt_mol.data.oc20 import OC20LMDB, close_environments, write_lmdb
 
     if args.num_structures < 1 or args.batch_size < 1 or args.repeats < 1:
-        print("flt-mol bench data: --num-structures, --batch-size and --repeats must be >= 1",
-              file=sys.stderr)
-        return 2
+        from flt_mol.errors import UsageError
+
+        raise UsageError("--num-structures, --batch-size and --repeats must be >= 1")
     images = None if args.no_images else PeriodicImages(cutoff=args.cutoff)
     n, bs = args.num_structures, args.batch_size
     t0 = time.perf_counter()

@@ -21,6 +21,8 @@ import math
 import os
 from pathlib import Path
 
+from flt_mol.errors import UsageError
+
 __all__ = ["add_arguments", "run", "run_rows", "FAMILIES", "theorem_bound"]
 
 FAMILIES = (
@@ -35,17 +37,20 @@ FAMILIES = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 1024, 8192])
-    parser.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 1024, 8192],
+                        help="numbers of positions L (the max-norm runs over L x L pairs)")
+    parser.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128],
+                        help="numbers of random features r")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, metavar="FAMILY",
+                        help=f"RPE families, among {', '.join(FAMILIES)}")
+    parser.add_argument("--heads", type=int, default=1, help="heads per RPE (each its own mask)")
     parser.add_argument("--draws", type=int, default=3, help="independent feature draws per point")
     parser.add_argument("--delta", type=float, default=0.05, help="failure probability of the bound")
     parser.add_argument("--block", type=int, default=512, help="rows per block of the exact mask")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True, help="output JSON (list of rows)")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw error vs r (PNG) here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the positions and random features")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
 
 
 def theorem_bound(c: float, length: int, heads: int, r: int, delta: float) -> float:
@@ -111,9 +116,9 @@ def run_rows(args: argparse.Namespace, *, log=print) -> list[dict]:
     torch.set_num_threads(args.threads)
     for name in ("heads", "draws", "block"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if any(r < 1 for r in args.features) or any(L < 1 for L in args.lengths):
-        raise ValueError("--features and --lengths must be positive")
+        raise UsageError("--features and --lengths must be positive")
     rows = []
     for fam in args.families:
         torch.manual_seed(args.seed)

@@ -1,4 +1,5 @@
-"""``flt-mol convert``: any ASE-readable structure file(s) -> OC20 legacy LMDB.
+"""``flt-mol convert`` (any ASE-readable structure file(s) -> OC20 legacy LMDB) and
+``flt-mol dataset`` (the embedded EMT-IS2RE data set, :mod:`flt_mol.data.emt`).
 
 What is read (``--mode``):
 
@@ -29,25 +30,42 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flt_mol.errors import InputError, UsageError
+
 __all__ = ["add_parser", "run_convert", "read_structures"]
 
 _CALC_ENERGY_CHOICES = ("y_relaxed", "y_init", "none")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``convert`` to the ``flt-mol`` command line."""
+CONVERT_DESCRIPTION = """\
+Write structures from any file ASE can read (extxyz, traj, ASE db, ...) as one OC20 legacy
+LMDB, in the order given.
+
+--mode frames (default for every format but traj): each selected frame is one structure.
+  pos, tags and fixed (FixAtoms / the extxyz move_mask column) come from the frame;
+  y_relaxed, y_init and sid from per-frame info keys of those names (extxyz comment line,
+  ASE db key-value pairs); pos_relaxed from a per-atom pos_relaxed column. The energy a
+  frame carries (extxyz energy=, a calculator in traj/db) goes to the field named by
+  --calc-energy unless an info key of that name is present. sid defaults to the
+  structure's position in the output.
+
+--mode relaxation (default for traj): each input file is one relaxation. The first selected
+  frame gives pos and y_init, the last gives pos_relaxed and y_relaxed; sid is the first
+  frame's info sid, else the file's position among the inputs.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``convert`` and ``dataset {info,build,generate}`` to the ``flt-mol`` command line."""
     parser = subparsers.add_parser(
         "convert",
         help="convert ASE-readable structures (extxyz, traj, ASE db, ...) to an OC20 LMDB",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CONVERT_DESCRIPTION,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure file(s) ASE can read")
     parser.add_argument("output", metavar="OUTPUT.lmdb", help="OC20 LMDB file to write")
-    parser.add_argument(
-        "--index", default=":", help="ASE index of the frames to read in each input (default ':')"
-    )
-    parser.add_argument("--format", default=None, help="ASE format name (default: guessed)")
+    parser.add_argument("--index", default=":", help="ASE index of the frames to read in each input")
+    parser.add_argument("--format", default=None, help="ASE format name (default: guessed from the file)")
     parser.add_argument(
         "--mode",
         choices=("auto", "frames", "relaxation"),
@@ -59,11 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--calc-energy",
         choices=_CALC_ENERGY_CHOICES,
         default="y_relaxed",
-        help="(frames mode) field that receives a frame's own energy (default y_relaxed)",
+        help="(frames mode) field that receives a frame's own energy",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.set_defaults(func=run_convert)
-    return parser
+    _add_dataset_parser(subparsers)
 
 
 def _frame_energy(atoms: Any) -> float | None:
@@ -148,15 +166,18 @@ def read_structures(
 
     Raises:
         FileNotFoundError: an input does not exist.
-        ValueError: an input cannot be read by ASE in the given format, or selects no frames.
+        UsageError: a bad ``mode``, ``calc_energy`` or ``format`` (a ``ValueError``).
+        InputError: an input cannot be read by ASE in the given format, or selects no frames.
     """
     import ase.io
-    from ase.io.formats import UnknownFileTypeError, filetype
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     if mode not in ("auto", "frames", "relaxation"):
-        raise ValueError(f"mode must be auto, frames or relaxation, got {mode!r}")
+        raise UsageError(f"mode must be auto, frames or relaxation, got {mode!r}")
     if calc_energy not in _CALC_ENERGY_CHOICES:
-        raise ValueError(f"calc_energy must be one of {_CALC_ENERGY_CHOICES}, got {calc_energy!r}")
+        raise UsageError(f"calc_energy must be one of {_CALC_ENERGY_CHOICES}, got {calc_energy!r}")
+    if format is not None and format not in ioformats:
+        raise UsageError(f"format {format!r} is not an ASE format (see `ase info --formats`)")
     count = 0
     for file_number, name in enumerate(inputs):
         path = Path(name)
@@ -169,7 +190,7 @@ def read_structures(
             else:
                 frames = ase.io.read(str(path), index=index, format=fmt)
         except (UnknownFileTypeError, ValueError, KeyError, IndexError, OSError, EOFError) as err:
-            raise ValueError(
+            raise InputError(
                 f"{path}: cannot be read by ASE"
                 + (f" as format {format!r}" if format is not None else "")
                 + f" ({type(err).__name__}: {err})"
@@ -177,7 +198,7 @@ def read_structures(
         if not isinstance(frames, list):
             frames = [frames]
         if not frames:
-            raise ValueError(f"{path}: index {index!r} selects no frames")
+            raise InputError(f"{path}: index {index!r} selects no frames")
         file_mode = mode if mode != "auto" else ("relaxation" if fmt == "traj" else "frames")
         if file_mode == "relaxation":
             yield _relaxation_to_data(frames, sid=file_number)
@@ -190,7 +211,7 @@ def read_structures(
 
 def run_convert(args: argparse.Namespace) -> int:
     """Entry point of ``flt-mol convert``; returns the exit code."""
-    from flt_mol.data.oc20 import OC20FormatError, write_lmdb
+    from flt_mol.data.oc20 import write_lmdb
 
     output = Path(args.output)
     stats = {"n": 0, "y_relaxed": 0, "pos_relaxed": 0, "no_adsorbate": 0}
@@ -210,11 +231,7 @@ def run_convert(args: argparse.Namespace) -> int:
             stats["no_adsorbate"] += not bool((data.tags == 2).any())
             yield data
 
-    try:
-        n = write_lmdb(counted(), output, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, OC20FormatError) as err:
-        print(f"flt-mol convert: error: {err}", file=sys.stderr)
-        return 2
+    n = write_lmdb(counted(), output, overwrite=args.overwrite)
     print(
         f"wrote {n} structures to {output} ({stats['y_relaxed']} with y_relaxed, "
         f"{stats['pos_relaxed']} with pos_relaxed)"
@@ -226,3 +243,100 @@ def run_convert(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# flt-mol dataset
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from flt_mol.data.emt import EMT_SPLITS, SHIPPED_DIR, cache_root, cached_lmdb_path, compute_baselines
+
+    source = Path(args.source) if args.source is not None else SHIPPED_DIR
+    path = source / "baselines.json"
+    result = json.loads(path.read_text()) if path.is_file() else compute_baselines(source=source)
+    if args.json:
+        print(json.dumps(result["splits"], indent=1))
+        return 0
+    names = ("train_mean", "per_adsorbate_mean", "composition_linear")
+    print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
+    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>20}" for n in names))
+    for s, st in result["splits"].items():
+        print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
+              + "".join(f"{st['baselines'][n]:>20.3f}" for n in names))
+    root = cache_root(args.root)
+    print(f"\nLMDB cache: {root / 'emt_is2re'} (built on first use; FLT_MOL_DATA_DIR or --root moves it)")
+    for s in EMT_SPLITS:
+        lmdb = cached_lmdb_path(s, root=root, source=source)
+        print(f"  {s:<14}{lmdb}{'' if lmdb.is_file() else '  (not built yet)'}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from flt_mol.data.emt import EMT_SPLITS, emt_is2re
+
+    splits = args.splits if args.splits else list(EMT_SPLITS)
+    for s in splits:
+        if s not in EMT_SPLITS:
+            raise UsageError(f"unknown EMT-IS2RE split {s!r}; valid splits: {', '.join(EMT_SPLITS)}")
+    for s in splits:
+        print(f"{s}: {emt_is2re(s, root=args.root, source=args.source)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from flt_mol.data import emt_generator
+    from flt_mol.data.emt import ship
+
+    argv = ["--seed", str(args.seed), "--out", str(args.out)]
+    if args.num:
+        argv += ["--num", *args.num]
+    if args.max_chunks is not None:
+        argv += ["--max-chunks", str(args.max_chunks)]
+    if args.merge_only:
+        argv.append("--merge-only")
+    code = emt_generator.main(argv)
+    if code == 0 and args.ship:
+        result = ship(args.out, dest=args.source)
+        print(json.dumps({s: v["n_kept"] for s, v in result["splits"].items()}))
+    return code
+
+
+_SPLITS_TEXT = "train, val_id, val_ood_ads, val_ood_cat, val_ood_both"
+_ROOT_HELP = "cache root of the LMDBs (default: $FLT_MOL_DATA_DIR, else ~/.cache/flt_mol)"
+_SOURCE_HELP = "folder of the shipped <split>.npz files (default: datasets/emt_is2re)"
+
+
+def _add_dataset_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dataset", help="the embedded EMT-IS2RE data set (info, build, generate)",
+        description="The embedded EMT-IS2RE data set: shipped as compact .npz files, built into OC20 "
+        "LMDBs on first use under <cache root>/emt_is2re/<hash>/ (cache root: $FLT_MOL_DATA_DIR, "
+        "else ~/.cache/flt_mol). Recipes and --data name a split as emt:SPLIT.",
+    )
+    sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    p = sub.add_parser("info", help="sizes, energy mean/std and trivial baselines per split; where the LMDBs are")
+    p.add_argument("--source", default=None, help=_SOURCE_HELP)
+    p.add_argument("--root", default=None, help=_ROOT_HELP)
+    p.add_argument("--json", action="store_true", help="print the per-split statistics as JSON")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("build", help="build the OC20 LMDBs of the splits (cached; prints their paths)")
+    p.add_argument("splits", nargs="*", metavar="SPLIT", help=f"splits to build (default: all of {_SPLITS_TEXT})")
+    p.add_argument("--root", default=None, help=_ROOT_HELP)
+    p.add_argument("--source", default=None, help=_SOURCE_HELP)
+    p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("generate", help="rerun the EMT generator (slow: ~0.3 s per system)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--out", type=Path, required=True, help="working folder (shards; resumable)")
+    p.add_argument("--num", nargs="*", default=None, metavar="SPLIT=N",
+                   help="kept systems per split (default: the generator's built-in targets)")
+    p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (default: all)")
+    p.add_argument("--merge-only", action="store_true", help="only merge existing shards")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the merged files into --source and write baselines.json")
+    p.add_argument("--source", default=None, help="shipped folder for --ship (default: datasets/emt_is2re)")
+    p.set_defaults(func=_cmd_generate)

@@ -1,5 +1,5 @@
-"""EMT-IS2RE, the embedded default IS2RE data set: shipped files -> OC20 LMDBs, and the
-``flt-mol dataset`` command.
+"""EMT-IS2RE, the embedded default IS2RE data set: shipped files -> OC20 LMDBs (the
+``flt-mol dataset`` command is in :mod:`flt_mol.data.commands`).
 
 The generator (:mod:`flt_mol.data.emt_generator`) writes one compressed ``<split>.npz`` per split
 (concatenated per-atom arrays plus ``offsets``; see :func:`flt_mol.data.emt_generator.records_to_arrays`)
@@ -16,12 +16,10 @@ in the shipped files but left out of the LMDBs.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,8 @@ __all__ = [
     "split_statistics",
     "compute_baselines",
     "ship",
-    "add_parser",
+    "cache_root",
+    "cached_lmdb_path",
 ]
 
 EMT_SPLITS: tuple[str, ...] = ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
@@ -46,7 +45,9 @@ SHIPPED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "emt_is2re"
 
 def _check_split(split: str) -> None:
     if split not in EMT_SPLITS:
-        raise ValueError(f"unknown EMT-IS2RE split {split!r}; valid splits: {', '.join(EMT_SPLITS)}")
+        from flt_mol.errors import UsageError
+
+        raise UsageError(f"unknown EMT-IS2RE split {split!r}; valid splits: {', '.join(EMT_SPLITS)}")
 
 
 def _shipped_file(split: str, source: Path | None) -> Path:
@@ -101,11 +102,24 @@ def split_items(arrays: dict[str, np.ndarray], *, keep_anomalous: bool = False) 
     return out
 
 
-def _cache_root(root: str | os.PathLike | None) -> Path:
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder the LMDBs are cached under: ``root``, else ``$FLT_MOL_DATA_DIR``, else
+    ``~/.cache/flt_mol`` (the LMDBs are in ``<cache root>/emt_is2re/<hash>/``)."""
     if root is not None:
         return Path(root)
     env = os.environ.get("FLT_MOL_DATA_DIR")
     return Path(env) if env is not None and env != "" else Path.home() / ".cache" / "flt_mol"
+
+
+def _folder(source: str | os.PathLike | None) -> Path | None:
+    return Path(source) if source is not None else None
+
+
+def cached_lmdb_path(split: str, *, root: str | os.PathLike | None = None,
+                     source: str | os.PathLike | None = None) -> Path:
+    """Where :func:`emt_is2re` keeps (or will build) the LMDB of ``split``; builds nothing."""
+    shipped = _shipped_file(split, _folder(source))
+    return cache_root(root) / "emt_is2re" / _sha256(shipped)[:16] / f"{split}.lmdb"
 
 
 def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
@@ -119,18 +133,17 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
         source: folder of the shipped ``<split>.npz`` files (default ``datasets/emt_is2re``).
 
     Raises:
-        ValueError: unknown split (the message lists the valid ones).
+        UsageError (a ValueError): unknown split (the message lists the valid ones).
         FileNotFoundError: the shipped file is missing.
     """
     from flt_mol.data.oc20 import write_lmdb
 
-    shipped = _shipped_file(split, Path(source) if source is not None else None)
-    folder = _cache_root(root) / "emt_is2re" / _sha256(shipped)[:16]
-    path = folder / f"{split}.lmdb"
+    path = cached_lmdb_path(split, root=root, source=source)
     if path.is_file():
         return path
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    items = split_items(load_split_arrays(split, source=shipped.parent))
+    items = split_items(load_split_arrays(split, source=source))
     # write_lmdb is itself atomic; writing under a private name and renaming makes a race between
     # two processes harmless (both files are identical, the last os.replace wins).
     tmp = folder / f".{split}.{os.getpid()}.{uuid.uuid4().hex[:8]}.lmdb"
@@ -223,85 +236,3 @@ def ship(generated: str | os.PathLike, *, dest: str | os.PathLike | None = None)
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, dest / "baselines.json")
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    source = Path(args.source) if args.source is not None else SHIPPED_DIR
-    path = source / "baselines.json"
-    result = json.loads(path.read_text()) if path.is_file() else compute_baselines(source=source)
-    if args.json:
-        print(json.dumps(result["splits"], indent=1))
-        return 0
-    names = ("train_mean", "per_adsorbate_mean", "composition_linear")
-    print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
-    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>20}" for n in names))
-    for s, st in result["splits"].items():
-        print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
-              + "".join(f"{st['baselines'][n]:>20.3f}" for n in names))
-    return 0
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    splits = args.splits if args.splits else list(EMT_SPLITS)
-    for s in splits:
-        try:
-            _check_split(s)
-        except ValueError as err:
-            print(f"flt-mol dataset build: {err}", file=sys.stderr)
-            return 2
-    for s in splits:
-        print(f"{s}: {emt_is2re(s, root=args.root, source=args.source)}")
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from flt_mol.data import emt_generator
-
-    argv = ["--seed", str(args.seed), "--out", str(args.out)]
-    if args.num:
-        argv += ["--num", *args.num]
-    if args.max_chunks is not None:
-        argv += ["--max-chunks", str(args.max_chunks)]
-    if args.merge_only:
-        argv.append("--merge-only")
-    code = emt_generator.main(argv)
-    if code == 0 and args.ship:
-        result = ship(args.out, dest=args.source)
-        print(json.dumps({s: v["n_kept"] for s, v in result["splits"].items()}))
-    return code
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``dataset {info,build,generate}`` to the ``flt-mol`` command line."""
-    parser = subparsers.add_parser("dataset", help="the embedded EMT-IS2RE data set (info, build, generate)")
-    sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
-    p = sub.add_parser("info", help="sizes, energy mean/std and trivial baselines per split")
-    p.add_argument("--source", default=None, help="folder of the shipped files (default datasets/emt_is2re)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("build", help="build the OC20 LMDBs of the splits (cached)")
-    p.add_argument("splits", nargs="*", metavar="SPLIT", help=f"default: all of {', '.join(EMT_SPLITS)}")
-    p.add_argument("--root", default=None, help="cache root (default $FLT_MOL_DATA_DIR or ~/.cache/flt_mol)")
-    p.add_argument("--source", default=None, help="folder of the shipped files")
-    p.set_defaults(func=_cmd_build)
-    p = sub.add_parser("generate", help="rerun the EMT generator (slow: ~0.3 s per system)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="working folder (shards; resumable)")
-    p.add_argument("--num", nargs="*", default=None, metavar="SPLIT=N", help="kept systems per split")
-    p.add_argument("--max-chunks", type=int, default=None)
-    p.add_argument("--merge-only", action="store_true", help="only merge existing shards")
-    p.add_argument("--ship", action="store_true",
-                   help="then copy the merged files into --source and write baselines.json")
-    p.add_argument("--source", default=None, help="shipped folder for --ship (default datasets/emt_is2re)")
-    p.set_defaults(func=_cmd_generate)
-    return parser
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from flt_mol.cli import main
-
-    sys.exit(main(["dataset", *sys.argv[1:]]))

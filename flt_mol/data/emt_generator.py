@@ -634,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.num:
             name, _, value = item.partition("=")
             if name not in targets or not value.isdigit():
-                raise ValueError(f"--num: bad entry {item!r}; expected SPLIT=N with SPLIT in {SPLITS}")
+                from flt_mol.errors import UsageError
+
+                raise UsageError(f"--num: bad entry {item!r}; expected SPLIT=N with SPLIT in {SPLITS}")
             targets[name] = int(value)
         config = dataclasses.replace(config, targets=tuple(targets.items()))
     generate(config, args.out, splits=tuple(args.splits) if args.splits else None, max_chunks=args.max_chunks)

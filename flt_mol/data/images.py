@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flt_mol.errors import InputError
+
 __all__ = [
     "read_idx",
     "load_mnist_idx",
@@ -54,7 +56,7 @@ def _read_bytes(path: str) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: corrupt gzip stream ({err})") from err
+            raise InputError(f"{path}: corrupt gzip stream ({err})") from err
     return raw
 
 
@@ -71,26 +73,26 @@ def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.n
         raise FileNotFoundError(f"IDX file not found: {path}")
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise InputError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex()} (must start with two zero bytes)")
+        raise InputError(f"{path}: bad IDX magic number {raw[:4].hex()} (must start with two zero bytes)")
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x} (magic {raw[:4].hex()})")
+        raise InputError(f"{path}: unknown IDX type code 0x{code:02x} (magic {raw[:4].hex()})")
     if ndim == 0:
-        raise ValueError(f"{path}: IDX header declares 0 dimensions")
+        raise InputError(f"{path}: IDX header declares 0 dimensions")
     if expect_ndim is not None and ndim != expect_ndim:
-        raise ValueError(f"{path}: expected a {expect_ndim}-dimensional IDX file, header says {ndim} (magic {raw[:4].hex()})")
+        raise InputError(f"{path}: expected a {expect_ndim}-dimensional IDX file, header says {ndim} (magic {raw[:4].hex()})")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
+        raise InputError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
     shape = tuple(int(x) for x in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) < expected:
-        raise ValueError(f"{path}: truncated: header declares shape {shape} ({expected} bytes), file has {len(raw)}")
+        raise InputError(f"{path}: truncated: header declares shape {shape} ({expected} bytes), file has {len(raw)}")
     if len(raw) > expected:
-        raise ValueError(f"{path}: {len(raw) - expected} trailing bytes after the declared shape {shape}")
+        raise InputError(f"{path}: {len(raw) - expected} trailing bytes after the declared shape {shape}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 

@@ -44,6 +44,8 @@ from torch.utils.data import Dataset
 from torch_geometric.data import Data
 
 from flt_mol.data.safe_pickle import UnsafePickleError, safe_loads
+from flt_mol.errors import InputError
+from flt_mol.fileio import default_file_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import ase
@@ -71,8 +73,9 @@ _REQUIRED_FIELDS = ("pos", "cell", "atomic_numbers", "tags", "fixed")
 _ABSENT = object()
 
 
-class OC20FormatError(ValueError):
-    """An LMDB entry that is not a valid OC20 structure (the message names file, key, field)."""
+class OC20FormatError(InputError):
+    """An LMDB file or entry that is not a valid OC20 structure (the message names file, key,
+    field). A :class:`ValueError`, like every :class:`~flt_mol.errors.InputError`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +284,8 @@ def _decode_entry(raw: bytes, *, source: str, check: bool) -> Data:
 def _open_read(path: Path) -> Any:
     import lmdb
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise OC20FormatError(f"{path}: empty file (expected an OC20 LMDB: a .lmdb file or a folder of shards)")
     try:
         return lmdb.open(str(path), **LMDB_READ_KWARGS)
     except lmdb.Error as err:
@@ -520,6 +525,8 @@ def write_lmdb(
         env.sync(True)
         env.close()
         _fsync_path(tmp)
+        # LMDB creates its file with its own mode; give it the one a plain open() would.
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from flt_mol.errors import InputError, UsageError
+
 __all__ = [
     "Vocab",
     "build_vocab",
@@ -92,14 +94,14 @@ def _read_text(path: str | os.PathLike) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def read_wikitext_tokens(path: str | os.PathLike) -> list[str]:
     """Words of a WikiText token file, ``<eos>`` after every line (blank lines included)."""
     text = _read_text(path)
     if not text.strip():
-        raise ValueError(f"{os.fspath(path)}: token file is empty")
+        raise InputError(f"{os.fspath(path)}: token file is empty")
     words: list[str] = []
     for line in text.splitlines():
         words.extend(line.split())
@@ -181,11 +183,11 @@ def load_corpus(source: str, *, root: str | None = None, level: str = "char") ->
         return load_pydoc_topics(level=level)
     if source == "wikitext103":
         if root is None:
-            raise ValueError("data source 'wikitext103' needs root= the folder holding wiki.*.tokens")
+            raise UsageError("data source 'wikitext103' needs root= the folder holding wiki.*.tokens")
         if level != "word":
-            raise ValueError(f"WikiText-103 is word level; got level={level!r}")
+            raise UsageError(f"WikiText-103 is word level; got level={level!r}")
         return load_wikitext103(root)
-    raise ValueError(f"unknown text source {source!r}; expected 'pydoc-topics' or 'wikitext103'")
+    raise UsageError(f"unknown text source {source!r}; expected 'pydoc-topics' or 'wikitext103'")
 
 
 class TokenBlocks(Dataset):
@@ -204,7 +206,7 @@ class TokenBlocks(Dataset):
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if ids.numel() < block_size + 1:
-            raise ValueError(f"token stream of {ids.numel()} ids is shorter than one block ({block_size} + 1)")
+            raise InputError(f"token stream of {ids.numel()} ids is shorter than one block ({block_size} + 1)")
         self.ids = ids.long()
         self.block_size = block_size
 

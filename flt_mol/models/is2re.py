@@ -92,7 +92,7 @@ class IS2REModelConfig:
     periodic: str = "images"
 
     def validate(self) -> None:
-        from flt_mol.train.config import ConfigError
+        from flt_mol.errors import ConfigError
 
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")

@@ -58,7 +58,7 @@ class LMConfig:
     vocab_size: int = 0
 
     def validate(self) -> None:
-        from flt_mol.train.config import ConfigError
+        from flt_mol.errors import ConfigError
 
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")

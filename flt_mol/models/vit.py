@@ -57,7 +57,7 @@ class ViTConfig:
     attention_dropout: float = 0.0
 
     def validate(self) -> None:
-        from flt_mol.train.config import ConfigError
+        from flt_mol.errors import ConfigError
 
         if self.attention not in VIT_ATTENTIONS:
             raise ConfigError(f"model.attention must be one of {VIT_ATTENTIONS}, got {self.attention!r}")

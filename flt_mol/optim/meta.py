@@ -23,13 +23,15 @@ import csv
 import dataclasses
 import math
 import os
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from flt_mol.errors import CheckpointError, ConfigError
+from flt_mol.fileio import atomic_write
 
 from flt_mol.optim.learned import LearnedOptimizerConfig, LearnedUpdateRule
 from flt_mol.optim.swarm import SwarmConfig, SwarmUpdateRule
@@ -125,14 +127,19 @@ class MetaTrainConfig:
 
 
 def config_from_dict(cls, data: dict, *, where: str = ""):
-    """Build dataclass ``cls`` from ``data`` recursively; unknown keys raise ``ValueError``."""
+    """Build dataclass ``cls`` from ``data`` recursively.
+
+    Raises:
+        ConfigError: (a ``ValueError``) an unknown key, a mistyped value, or a value the
+            dataclass rejects; the message names ``where`` and the key.
+    """
     if not isinstance(data, dict):
-        raise TypeError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where or cls.__name__}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -144,15 +151,17 @@ def config_from_dict(cls, data: dict, *, where: str = ""):
             try:
                 kwargs[key] = float(value)
             except ValueError:
-                raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        elif hint is int and not isinstance(value, int):
-            raise TypeError(f"{name}: expected an integer, got {value!r}")
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        elif hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
         else:
             kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"{where or cls.__name__}: {err}") from err
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
 
 
 def _set_override(data: dict, dotted: str, value) -> None:
@@ -161,24 +170,42 @@ def _set_override(data: dict, dotted: str, value) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
     node[keys[-1]] = value
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> MetaTrainConfig:
-    """Read a recipe YAML and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    """Read a recipe YAML and apply ``key.sub=value`` overrides (values parsed as YAML).
+
+    Raises:
+        FileNotFoundError: the recipe does not exist.
+        ConfigError: the recipe is empty or not YAML, an unknown key or a bad value.
+    """
     import yaml
+
+    from flt_mol.train.config import yaml_problem
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML ({yaml_problem(err)})") from err
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty (expected a YAML mapping of MetaTrainConfig keys)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
     for item in overrides if overrides is not None else []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. meta_iterations=100)")
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. meta_iterations=100)")
         key, raw = item.split("=", 1)
-        _set_override(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from err
+        _set_override(data, key.strip(), value)
     return config_from_dict(MetaTrainConfig, data, where=str(path))
 
 
@@ -195,30 +222,27 @@ def build_rule(config: MetaTrainConfig) -> LearnedUpdateRule | SwarmUpdateRule:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` (the file
+    gets the mode a plain ``open()`` would give it)."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _load_checked(path: Path) -> dict:
+    """A learned-optimiser checkpoint, or :class:`CheckpointError` saying what the file is not."""
+    from flt_mol.train.checkpoint import load_torch_file
+
+    expected = f"expected a learned-optimiser checkpoint written by flt-mol optim meta-train (format {CHECKPOINT_FORMAT})"
+    ckpt = load_torch_file(path, expected=expected)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        hint = "; this is a flt-mol train checkpoint" if isinstance(ckpt, dict) and "model" in ckpt else ""
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}{hint})")
+    return ckpt
 
 
 def load_rule(path: str | os.PathLike) -> tuple[LearnedUpdateRule | SwarmUpdateRule, MetaTrainConfig]:
     """Load a meta-trained rule (eval mode) and its config from a checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a flt_mol learned-optimiser checkpoint (format {CHECKPOINT_FORMAT})")
+    ckpt = _load_checked(Path(path))
     config = config_from_dict(MetaTrainConfig, ckpt["config"], where=f"{path}:config")
     rule = build_rule(config)
     rule.load_state_dict(ckpt["rule"])
@@ -334,11 +358,9 @@ def meta_train(
         return config.seed * 1_000_003 + task_counter
 
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: not a learned-optimiser checkpoint")
+        ckpt = _load_checked(ckpt_path)
         if ckpt["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with a different config; use another --out or resume=False")
+            raise ConfigError(f"{ckpt_path} was written with a different config; use another --out or resume=False")
         rule.load_state_dict(ckpt["rule"])
         meta_opt.load_state_dict(ckpt["meta_optimizer"])
         start = int(ckpt["iteration"])

@@ -11,66 +11,37 @@ model sees exactly the features it had when it was saved.
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from flt_mol.errors import CheckpointError
+from flt_mol.fileio import atomic_write
+
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = ("version", "config", "task", "model")
+_EXPECTED = "expected a checkpoint.pt / best.pt written by flt-mol train"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``.
 
-    A kill at any moment leaves either the previous file or the new one, never a torn file.
+    A kill at any moment leaves either the previous file or the new one, never a torn file. The
+    file gets the mode a plain ``open()`` would give it (see :mod:`flt_mol.fileio`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write text atomically (temp file in the same folder + fsync + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is flushed (POSIX); not possible on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
 
 
 def rng_state() -> dict[str, Any]:
@@ -93,22 +64,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`flt_mol.train.loop.train`.
+def load_torch_file(path: str | Path, *, expected: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` a file the user named, saying what it is not when it cannot be read.
+
+    Args:
+        path: the file.
+        expected: what the file should have been, for the message (``expected ...``).
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: ``not a flt_mol checkpoint: PATH (EXPECTED; why)``: a folder, an empty
+            file, or a file ``torch.load`` cannot read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}; this is a folder)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({expected}; the file is empty)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError,
+            AttributeError, ImportError, ValueError, TypeError) as err:
+        # torch raises all of these for files it cannot read (a text file: UnpicklingError; a
+        # zip that is not a torch archive or a torn file: RuntimeError; a pickle of a class
+        # that no longer exists: AttributeError / ImportError).
+        reason = " ".join(str(err).split())[:160]
+        raise CheckpointError(
+            f"not a flt_mol checkpoint: {path} ({expected}; torch.load failed: {type(err).__name__}: {reason})"
+        ) from err
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    task: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`flt_mol.train.loop.train`, checking what was opened.
 
     Checkpoints hold numpy RNG states and plain Python objects, so they are loaded with
     ``weights_only=False``: only load checkpoints you trust (a pickle can execute code).
 
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+        task: when given, the checkpoint must hold a model of this task (``is2re``, ``lm``, ``vit``).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an flt_mol checkpoint.
+        CheckpointError: (a ``ValueError``) ``not a flt_mol checkpoint: PATH (expected ...)``: the
+            file is empty, not a torch file, lacks the checkpoint keys, has another version, or
+            holds another task.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not an flt_mol checkpoint (expected keys 'model' and 'config')")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+    ckpt = load_torch_file(path, expected=_EXPECTED, map_location=map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"not a flt_mol checkpoint: {path} ({_EXPECTED}; it holds a {type(ckpt).__name__})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        hint = " (a learned-optimiser checkpoint: use flt-mol optim evaluate)" if "rule" in ckpt else ""
+        raise CheckpointError(
+            f"not a flt_mol checkpoint: {path} (expected the keys {', '.join(CHECKPOINT_KEYS)}; "
+            f"missing {', '.join(missing)}){hint}"
+        )
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"not a flt_mol checkpoint: {path} (expected checkpoint version {CHECKPOINT_VERSION}, "
+            f"got {ckpt['version']!r})"
+        )
+    if task is not None:
+        config = ckpt["config"]
+        found = config.get("task") if isinstance(config, dict) else None
+        if found != task:
+            names = {"is2re": "IS2RE", "lm": "LM", "vit": "ViT"}
+            raise CheckpointError(
+                f"not a flt_mol {names.get(task, task)} checkpoint: {path} (expected a model of task "
+                f"{task!r}, this one holds task {found!r})"
+            )
     return ckpt

@@ -14,41 +14,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from flt_mol.errors import UsageError
+
+
+_DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
+_DATA_HELP = "an OC20 LMDB file, a folder of .lmdb shards, or emt:SPLIT for the embedded EMT-IS2RE data set"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a model from a YAML recipe",
-                              description="Train from a YAML recipe; key=value overrides (e.g. optim.lr=1e-3).")
-    p.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (checkpoint.pt, best.pt, metrics.json, logs); required")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    # REMAINDER so that options may follow the overrides' position (RECIPE --out DIR k=v ...);
-    # cmd_train parses the remainder intermixed.
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="dotted config overrides")
+    p = subparsers.add_parser(
+        "train", help="train a model from a YAML recipe",
+        description="Train the model a YAML recipe describes (recipes/*.yaml) into --out: checkpoint.pt "
+        "(resumable), best.pt, metrics.json, log.csv, log.json and learning_curve.png. key=value "
+        "overrides follow the recipe, before or after the options (e.g. optim.lr=1e-3 run.steps=500).",
+    )
+    p.add_argument("recipe", type=Path, metavar="RECIPE", help="YAML recipe (see recipes/)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder (checkpoint.pt, best.pt, metrics.json, logs)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("evaluate", help="energy MAE / MSE / EwT of a checkpoint, beside trivial baselines")
-    p.add_argument("checkpoint", type=Path)
+    p = subparsers.add_parser(
+        "evaluate", help="energy MAE / MSE / EwT of a checkpoint, beside trivial baselines",
+        description="Evaluate an IS2RE checkpoint: energy MAE, MSE and EwT (|error| < 0.02 eV) per split "
+        "and averaged, beside the trivial baselines, printed as a table and written as JSON.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="IS2RE checkpoint written by flt-mol train (checkpoint.pt or best.pt)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="LMDB file(s) / shard folder(s) or emt:SPLIT (default: the EMT-IS2RE validation splits)")
+                   help=_DATA_HELP + " (default: the EMT-IS2RE validation splits)")
     p.add_argument("--split", nargs="+", default=None, metavar="NAME",
-                   help="names for the --data paths; without --data: which EMT-IS2RE splits to evaluate")
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON")
-    p.add_argument("--plot", type=Path, default=None, help="parity plot (PNG)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
+                   help="names for the --data paths; without --data: which EMT-IS2RE splits to evaluate "
+                   "(default: the file/folder names; all four validation splits)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="metrics JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="also draw a parity plot (PNG) here")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="structures per batch (default: the recipe's data.eval_batch_size)")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("predict", help="write OC20-style predictions (ids, energy) as .npz")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--data", required=True, help="LMDB file / shard folder or emt:SPLIT")
-    p.add_argument("--out", type=Path, required=True, help="output .npz")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p = subparsers.add_parser(
+        "predict", help="write OC20-style predictions (ids, energy) as .npz",
+        description="Predict relaxed energies with an IS2RE checkpoint and write them as an OC20-style "
+        ".npz (string ids, float64 energy in eV); the data need no targets.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="IS2RE checkpoint written by flt-mol train (checkpoint.pt or best.pt)")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="output .npz")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="structures per batch (default: the recipe's data.eval_batch_size)")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_predict)
 
 
@@ -59,16 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flt_mol.train.config import load_config
     from flt_mol.train.loop import train
 
-    rest = argparse.ArgumentParser(prog="flt-mol train", add_help=False)
-    rest.add_argument("--out", type=Path, default=None)
-    rest.add_argument("--resume", action="store_true")
-    rest.add_argument("overrides", nargs="*")
-    extra = rest.parse_intermixed_args(args.overrides)
-    out = extra.out if extra.out is not None else args.out
-    if out is None:
-        raise ValueError("flt-mol train needs --out DIR (the run's output folder)")
-    resume = args.resume or extra.resume
-    config = load_config(args.recipe, extra.overrides)
+    config = load_config(args.recipe, args.overrides)
+    out = args.out
+    resume = args.resume
     metrics = train(config, out, resume=resume)
     if metrics is not None:
         from flt_mol.train import distributed
@@ -78,24 +89,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_inference(checkpoint: str | Path, device: str = "auto") -> tuple[Any, Any]:
-    """``(task, model)`` rebuilt from a checkpoint (EMA weights when the run kept them), eval mode."""
+def load_for_inference(checkpoint: str | Path, device: str = "auto", *,
+                       task: str | None = None) -> tuple[Any, Any]:
+    """``(task, model)`` rebuilt from a checkpoint (EMA weights when the run kept them), eval mode.
+
+    ``task`` (``is2re``, ``lm``, ``vit``), when given, is the task the checkpoint must hold
+    (:class:`~flt_mol.errors.CheckpointError` otherwise).
+    """
     from flt_mol.train.checkpoint import load_checkpoint
     from flt_mol.train.loop import config_from_checkpoint, resolve_device
     from flt_mol.train.tasks import build_task
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, task=task)
     config = config_from_checkpoint(ckpt)
-    task = build_task(config)
-    task.load_state_dict(ckpt["task"])
-    model = task.build_model()
+    built = build_task(config)
+    built.load_state_dict(ckpt["task"])
+    model = built.build_model()
     state = ckpt["model"]
     if ckpt.get("ema") is not None:
         prefix = "module."
         state = {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     model.to(resolve_device(device)).eval()
-    return task, model
+    return built, model
 
 
 def _loader(task: Any, spec: str, batch_size: int | None) -> Any:
@@ -115,10 +131,10 @@ def evaluation_specs(data: list[str] | None, split: list[str] | None) -> dict[st
         names = split if split is not None else list(EMT_VAL_SPLITS)
         return {name: f"emt:{name}" for name in names}
     if split is not None and len(split) != len(data):
-        raise ValueError(f"--split gives {len(split)} names for {len(data)} --data paths")
+        raise UsageError(f"--split gives {len(split)} names for {len(data)} --data paths")
     names = split if split is not None else [split_name(d) for d in data]
     if len(set(names)) != len(names):
-        raise ValueError(f"split names must be unique, got {names}; name them with --split")
+        raise UsageError(f"split names must be unique, got {names}; name them with --split")
     return dict(zip(names, data))
 
 
@@ -126,16 +142,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flt_mol.train.checkpoint import atomic_write_text
 
     specs = evaluation_specs(args.data, args.split)
-    task, model = load_for_inference(args.checkpoint, args.device)
-    if not hasattr(task, "predict"):
-        raise ValueError(f"evaluate supports IS2RE checkpoints; {args.checkpoint} is task {task.config.task!r}")
+    task, model = load_for_inference(args.checkpoint, args.device, task="is2re")
     loaders = {name: _loader(task, spec, args.batch_size) for name, spec in specs.items()}
     predictions: dict[str, Any] = {}
-    try:
-        metrics = task.evaluate(model, loaders, predictions=predictions)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    metrics = task.evaluate(model, loaders, predictions=predictions)
     atomic_write_text(json.dumps(metrics, indent=2), args.out)
     print(task.format_metrics(metrics))
     print(f"wrote {args.out}")
@@ -150,9 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    task, model = load_for_inference(args.checkpoint, args.device)
-    if not hasattr(task, "predict"):
-        raise ValueError(f"predict supports IS2RE checkpoints; {args.checkpoint} is task {task.config.task!r}")
+    task, model = load_for_inference(args.checkpoint, args.device, task="is2re")
     loader = _loader(task, args.data, args.batch_size)
     ids, energy, _ = task.predict(model, loader)
     # OC20 submissions use string system ids; structures without a sid get their index.

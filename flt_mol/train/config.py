@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or an override does not match the typed configuration (names the key)."""
+# Defined beside the other expected errors (models/ raise it too); re-exported here, where
+# callers have always imported it from.
+from flt_mol.errors import ConfigError
 
 
 @dataclass
@@ -232,6 +232,15 @@ def from_dict(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A one-line account of a YAML error: what and where (1-based line and column)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=1e-3"`` -> (``["optim", "lr"]``, ``0.001``); the value is parsed as YAML."""
     if "=" not in text:
@@ -241,7 +250,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     # YAML 1.1 reads "1e-3" as a string; config_from_dict turns such strings back into floats.
-    value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({yaml_problem(err)})") from err
     return key.split("."), value
 
 
@@ -316,15 +328,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
     Raises:
         FileNotFoundError: the recipe does not exist.
-        ConfigError: an unknown key or a mistyped value (the message names the dotted key).
+        ConfigError: the recipe is empty or not YAML, an unknown key or a mistyped value (the
+            message names the file or the dotted key).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     with open(path) as fh:
-        raw = yaml.safe_load(fh)
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML ({yaml_problem(err)})") from err
     if raw is None:
-        raw = {}
+        raise ConfigError(f"recipe {path} is empty (expected a YAML mapping with task, data, model, optim, run)")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides) if overrides is not None else [])

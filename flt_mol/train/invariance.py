@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    task, model = load_for_inference(args.checkpoint, "cpu")
+    task, model = load_for_inference(args.checkpoint, "cpu", task="is2re")
     ds = open_split(args.data)
     items = [ds[i] for i in range(min(len(ds), args.max_items))]
     moved = []

@@ -416,7 +416,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
             history.append({"step": step, "eval": metrics})
             score = task.summary_metric(metrics)
             if dinfo.is_main:
-                _say(f"validation at step {step}:\n{task.format_metrics(metrics)}", bar)
+                # One line: the full table is for `flt-mol evaluate` (and metrics.json).
+                name, value = task.progress_metric(metrics)
+                _say(f"validation at step {step}: {name} {value:.4g}", bar)
             if score < best:  # the same on every rank: metrics are reduced totals
                 best = score
                 state = checkpoint_state()
@@ -441,7 +443,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         _write_logs(out, history)
         from flt_mol.train.plots import plot_learning_curve
 
-        plot_learning_curve(history, out / "learning_curve.png", summary=task.summary_metric)
+        plot_learning_curve(history, out / "learning_curve.png",
+                            summary=lambda m: task.progress_metric(m)[1], label=task.progress_metric(metrics)[0])
     distributed.barrier()
     return metrics
 

@@ -19,8 +19,16 @@ def _pyplot():
 
 
 def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | Path, *,
-                        summary: Callable[[dict[str, Any]], float] | None = None) -> Path:
-    """Training loss per logged step (left axis) and the validation summary metric (right axis)."""
+                        summary: Callable[[dict[str, Any]], float] | None = None,
+                        label: str = "validation metric") -> Path:
+    """Training loss per logged step (left axis) and a validation metric (right axis).
+
+    Args:
+        history: the loop's history (training rows, and ``{"step", "eval"}`` rows).
+        path: the PNG to write.
+        summary: metrics dict -> the value drawn on the right axis (none drawn without it).
+        label: that axis's name, with the metric's unit (e.g. ``average energy MAE (eV)``).
+    """
     plt = _pyplot()
     path = Path(path)
     train = [h for h in history if "eval" not in h and "loss" in h]
@@ -35,7 +43,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | Path, *,
         ax2 = ax.twinx()
         ax2.plot([h["step"] for h in evals], [summary(h["eval"]) for h in evals], "o-", color="tab:red",
                  label="validation")
-        ax2.set_ylabel("validation metric (lower is better)")
+        ax2.set_ylabel(label)
         ax2.legend(loc="upper right")
     ax.legend(loc="upper left")
     fig.tight_layout()

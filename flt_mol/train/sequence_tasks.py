@@ -218,6 +218,9 @@ class LMTask(Task):
     def summary_metric(self, metrics: Mapping[str, Any]) -> float:
         return float(metrics["val"]["loss"])
 
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        return "validation perplexity", float(metrics["val"]["perplexity"])
+
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return "\n".join(
             f"{name}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
@@ -309,6 +312,9 @@ class ViTTask(Task):
 
     def summary_metric(self, metrics: Mapping[str, Any]) -> float:
         return float(metrics["val"]["loss"])
+
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        return "validation accuracy", float(metrics["val"]["accuracy"])
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return "\n".join(

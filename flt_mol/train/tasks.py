@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from flt_mol.errors import InputError, UsageError
 from flt_mol.models.is2re import IS2REModel, IS2REModelConfig
 from flt_mol.train import distributed
 from flt_mol.train.config import ConfigError, TrainConfig
@@ -84,6 +85,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def summary_metric(self, metrics: Mapping[str, Any]) -> float: ...
+
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        """``(name with unit, value)`` of the validation metric a person follows: logged after
+        each in-training evaluation and drawn on the learning curve's validation axis."""
+        return "validation summary metric", self.summary_metric(metrics)
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return "\n".join(f"{k}: {v}" for k, v in metrics.items())
@@ -337,7 +343,7 @@ class IS2RETask(Task):
         ds = self.train_dataset()
         items = [ds[i] for i in range(len(ds))]
         if any(getattr(d, "y_relaxed", None) is None for d in items):
-            raise ValueError(f"training data {self.data.train!r} has structures without y_relaxed")
+            raise InputError(f"training data {self.data.train!r} has structures without y_relaxed")
         self.normalizer = _fit_normalizer(items, references=self.data.element_references,
                                           normalize=self.data.normalize_energy)
         sq, n = 0.0, 0
@@ -446,14 +452,15 @@ class IS2RETask(Task):
         receives this rank's ``(targets, predictions)`` per split (numpy) for parity plots.
 
         Raises:
-            ValueError: a split has no ``y_relaxed`` targets (use ``flt-mol predict`` for those).
+            UsageError: (a ``ValueError``) a split has no ``y_relaxed`` targets (use
+                ``flt-mol predict`` for those).
         """
         metrics: dict[str, Any] = {}
         for name, loader in loaders.items():
             _, pred, target = self.predict(model, loader)
             missing = torch.tensor([1.0 if target is None and len(pred) > 0 else 0.0])
             if float(distributed.all_reduce_sum(missing)) > 0:
-                raise ValueError(
+                raise UsageError(
                     f"split {name!r} has no energy targets (y_relaxed): it cannot be evaluated; "
                     "use `flt-mol predict CHECKPOINT --data PATH --out FILE.npz` for predictions"
                 )
@@ -472,6 +479,11 @@ class IS2RETask(Task):
     def summary_metric(self, metrics: Mapping[str, Any]) -> float:
         key = "average" if "average" in metrics else next(iter(metrics))
         return float(metrics[key]["energy_mae"])
+
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        key = "average" if "average" in metrics else next(iter(metrics))
+        name = "average energy MAE (eV)" if key == "average" else f"{key} energy MAE (eV)"
+        return name, self.summary_metric(metrics)
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return format_table(metrics)

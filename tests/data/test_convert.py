@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import ase.db
 import ase.io
 import numpy as np
@@ -14,7 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.io.trajectory import Trajectory
 
-from flt_mol.data.commands import add_parser
+from flt_mol.cli import main
 from flt_mol.data.oc20 import OC20LMDB
 
 
@@ -24,10 +22,8 @@ def _seed():
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="flt-mol")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", *argv])
-    return args.func(args)
+    """``flt-mol convert ARGV`` through the command line's own error handling."""
+    return main(["convert", *argv])
 
 
 def slab(i: int):
@@ -115,7 +111,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "missing.xyz" in capsys.readouterr().err
     junk = tmp_path / "junk.extxyz"
     junk.write_text("this is not\na structure file\n")
-    assert run([str(junk), str(out)]) == 2
+    assert run([str(junk), str(out)]) == 1  # the file exists but is not a structure file
     err = capsys.readouterr().err
     assert "junk.extxyz" in err and "cannot be read" in err
     good = tmp_path / "good.xyz"

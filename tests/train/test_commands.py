@@ -54,12 +54,12 @@ def test_split_without_targets_is_refused_but_predict_works(trained, tiny_data, 
     assert pred["energy"].shape == (6,) and np.isfinite(pred["energy"]).all()
 
 
-def test_missing_files(trained, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        main(["evaluate", str(tmp_path / "nope.pt"), "--data", "x.lmdb", "--out", str(tmp_path / "m.json")])
-    with pytest.raises(FileNotFoundError, match="missing.lmdb"):
-        main(["predict", str(trained / "checkpoint.pt"), "--data", str(tmp_path / "missing.lmdb"),
-              "--out", str(tmp_path / "p.npz")])
+def test_missing_files(trained, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.pt"), "--data", "x.lmdb", "--out", str(tmp_path / "m.json")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    assert main(["predict", str(trained / "checkpoint.pt"), "--data", str(tmp_path / "missing.lmdb"),
+                 "--out", str(tmp_path / "p.npz")]) == 2
+    assert "missing.lmdb" in capsys.readouterr().err
 
 
 def test_invariance_report_on_a_trained_checkpoint(trained, tiny_data, tmp_path):
@@ -74,3 +74,29 @@ def test_invariance_report_on_a_trained_checkpoint(trained, tiny_data, tmp_path)
     assert res["trained_draw_rot_trans_change_eV"] < 1e-3
     assert res["trained_draw_mae_eV"] == pytest.approx(res["trained_draw_rotated_mae_eV"], abs=1e-3)
     assert res["feature_noise_std_eV"] > 0  # redraws change the prediction: the noise is real
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_empty_or_invalid_data_file_is_one_line(command, trained, tmp_path, capsys):
+    empty, text = tmp_path / "empty.lmdb", tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    text.write_text("not an lmdb\n")
+    out = tmp_path / ("m.json" if command == "evaluate" else "p.npz")
+    for data, words in ((empty, ("empty.lmdb", "empty file")), (text, ("notes.txt", "LMDB"))):
+        assert main([command, str(trained / "checkpoint.pt"), "--data", str(data), "--out", str(out)]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"flt-mol {command}: error: ")
+        assert all(w in lines[0] for w in words), lines[0]
+    assert not out.exists()
+
+
+def test_training_logs_one_line_per_evaluation(tiny_data, tmp_path, capsys):
+    from tests.train.conftest import tiny_raw_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_raw_config(tiny_data, steps=2, eval_interval=1, ckpt_interval=2)))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    evaluations = [line for line in printed.splitlines() if line.startswith("validation at step")]
+    assert len(evaluations) == 2 and all("val energy MAE (eV)" in line for line in evaluations)
+    assert "EwT" not in printed  # the table is for `flt-mol evaluate`
