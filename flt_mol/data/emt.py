@@ -7,9 +7,13 @@ into ``datasets/emt_is2re/``. :func:`emt_is2re` turns a split into an OC20 legac
 use, written by :func:`flt_mol.data.oc20.write_lmdb` under a temporary name and renamed (two
 processes racing both produce the same file; the last rename wins), cached under
 
-    <root>/emt_is2re/<sha256 of the split's npz, 16 hex>/<split>.lmdb
+    <root>/emt_is2re/<sha256 of the split's npz, 16 hex>-v<LMDB_VERSION>/<split>.lmdb
 
-with ``root`` = the argument, else ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``. Systems
+with ``root`` = the argument, else ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``
+(``LMDB_VERSION`` changes when the entries gain fields, so old caches are not reused). Besides
+the OC20 fields each entry carries the integer ``facet`` (0 (111), 1 (100), 2 (110)) and
+``site_type`` (0 top, 1 bridge, 2 hollow, of the initial placement), which the
+``per_adsorbate_facet_site_mean`` baseline reads (:mod:`flt_mol.data.references`). Systems
 flagged anomalous by the generator (desorbed, dissociated, reconstructed, not converged) are kept
 in the shipped files but left out of the LMDBs.
 """
@@ -41,6 +45,8 @@ __all__ = [
 ]
 
 EMT_SPLITS: tuple[str, ...] = ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+# Version of the LMDB entries built from the shipped files (2: + facet, site_type).
+LMDB_VERSION = 2
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "emt_is2re"
 
 
@@ -97,6 +103,8 @@ def split_items(arrays: dict[str, np.ndarray], *, keep_anomalous: bool = False) 
             y_init=float(arrays["y_init"][i]),
             y_relaxed=float(arrays["y_relaxed"][i]),
             pos_relaxed=torch.from_numpy(arrays["pos_relaxed"][a:b].astype(np.float32)),
+            facet=int(arrays["facet"][i]),
+            site_type=int(arrays["site_type"][i]),
         ))
     return out
 
@@ -115,7 +123,7 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
     Args:
         split: one of :data:`EMT_SPLITS`.
         root: cache root (default ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``); the file is
-            ``root/emt_is2re/<hash of the shipped npz>/<split>.lmdb``.
+            ``root/emt_is2re/<hash of the shipped npz>-v<LMDB_VERSION>/<split>.lmdb``.
         source: folder of the shipped ``<split>.npz`` files (default ``datasets/emt_is2re``).
 
     Raises:
@@ -125,7 +133,7 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
     from flt_mol.data.oc20 import write_lmdb
 
     shipped = _shipped_file(split, Path(source) if source is not None else None)
-    folder = _cache_root(root) / "emt_is2re" / _sha256(shipped)[:16]
+    folder = _cache_root(root) / "emt_is2re" / f"{_sha256(shipped)[:16]}-v{LMDB_VERSION}"
     path = folder / f"{split}.lmdb"
     if path.is_file():
         return path
@@ -144,6 +152,13 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
 
 # --------------------------------------------------------------------------------------------
 # statistics and baselines
+
+
+def _site_keys(arrays: dict[str, np.ndarray], mask: np.ndarray, keys: list[str]) -> list[str]:
+    from flt_mol.data.references import site_key
+
+    idx = np.flatnonzero(mask)
+    return [site_key(k, int(arrays["facet"][i]), int(arrays["site_type"][i])) for k, i in zip(keys, idx)]
 
 
 def _keys_and_counts(arrays: dict[str, np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -194,14 +209,16 @@ def compute_baselines(*, source: str | os.PathLike | None = None) -> dict[str, A
 
     arrays = {s: load_split_arrays(s, source=source) for s in EMT_SPLITS}
     tr = arrays["train"]
-    counts, keys = _keys_and_counts(tr, tr["flags"] == 0)
-    fit = TrivialBaselines.fit_arrays(counts, keys, tr["y_relaxed"][tr["flags"] == 0])
+    kept = tr["flags"] == 0
+    counts, keys = _keys_and_counts(tr, kept)
+    fit = TrivialBaselines.fit_arrays(counts, keys, tr["y_relaxed"][kept], _site_keys(tr, kept, keys))
     out: dict[str, Any] = {"fit": fit.to_dict(), "splits": {}}
     for s in EMT_SPLITS:
         a = arrays[s]
         mask = a["flags"] == 0
         c, k = _keys_and_counts(a, mask)
-        out["splits"][s] = {**split_statistics(a), "baselines": fit.evaluate_arrays(c, k, a["y_relaxed"][mask])}
+        out["splits"][s] = {**split_statistics(a), "baselines": fit.evaluate_arrays(
+            c, k, a["y_relaxed"][mask], _site_keys(a, mask, k))}
     return out
 
 
@@ -236,12 +253,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result["splits"], indent=1))
         return 0
-    names = ("train_mean", "per_adsorbate_mean", "composition_linear")
+    from flt_mol.data.references import BASELINE_NAMES
+
+    names = [n for n in BASELINE_NAMES if all(n in st["baselines"] for st in result["splits"].values())]
+    width = max(len(n) for n in names) + 2
     print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
-    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>20}" for n in names))
+    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>{width}}" for n in names))
     for s, st in result["splits"].items():
         print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
-              + "".join(f"{st['baselines'][n]:>20.3f}" for n in names))
+              + "".join(f"{st['baselines'][n]:>{width}.3f}" for n in names))
     return 0
 
 

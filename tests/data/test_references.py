@@ -137,3 +137,44 @@ def test_fit_on_oc20_lmdb_equals_fit_on_list(tmp_path):
     assert a.mean == pytest.approx(b.mean, abs=1e-12)
     assert a.per_adsorbate == pytest.approx(b.per_adsorbate, abs=1e-12)
     np.testing.assert_allclose(fit_element_references(ds).coef, b.references.coef, atol=1e-9)
+
+
+def _site(d: Data, facet: int, site: int) -> Data:
+    d.facet, d.site_type = facet, site
+    return d
+
+
+def test_per_adsorbate_facet_site_mean_by_hand_and_fallbacks():
+    train = [
+        _site(_system([29] * 4, [8], -4.0, 0), 0, 2), _site(_system([29] * 4, [8], -5.0, 1), 0, 2),
+        _site(_system([29] * 4, [8], -3.0, 2), 1, 0), _site(_system([78] * 4, [1], -2.0, 3), 0, 0),
+    ]
+    tb = TrivialBaselines.fit(train)
+    assert tb.per_site == pytest.approx({"O1|facet=0|site=2": -4.5, "O1|facet=1|site=0": -3.0,
+                                         "H1|facet=0|site=0": -2.0})
+    test = [
+        _site(_system([29] * 4, [8], -4.0, 4), 0, 2),   # seen key -> -4.5
+        _site(_system([29] * 4, [8], -4.0, 5), 2, 1),   # unseen key, seen adsorbate -> O1 mean -4.0
+        _site(_system([29] * 4, [8, 8], -1.0, 6), 0, 2),  # unseen adsorbate -> train mean -3.5
+    ]
+    pred = tb.predict(test)
+    np.testing.assert_allclose(pred["per_adsorbate_facet_site_mean"], [-4.5, -4.0, -3.5])
+    maes = tb.evaluate(test)
+    assert maes["per_adsorbate_facet_site_mean"] == pytest.approx((0.5 + 0.0 + 2.5) / 3)
+    back = TrivialBaselines.from_dict(tb.to_dict())
+    assert back.evaluate(test) == pytest.approx(maes)
+
+
+def test_site_baseline_needs_facet_and_site_fields():
+    plain = [_system([29] * 4, [8], -4.0, 0), _system([78] * 4, [1], -2.0, 1)]
+    tb = TrivialBaselines.fit(plain)
+    assert tb.per_site is None and "per_site" not in tb.to_dict()
+    assert "per_adsorbate_facet_site_mean" not in tb.evaluate(plain)
+    # A dict from before the per-site table existed loads; so does scoring items with the
+    # fields under a fit without them, and vice versa: the baseline is simply not reported.
+    old = {k: v for k, v in tb.to_dict().items()}
+    assert TrivialBaselines.from_dict(old).per_site is None
+    with_fields = [_site(_system([29] * 4, [8], -4.0, 2), 0, 0)]
+    assert set(tb.evaluate(with_fields)) == {"train_mean", "per_adsorbate_mean", "composition_linear"}
+    fitted = TrivialBaselines.fit(with_fields)
+    assert "per_adsorbate_facet_site_mean" not in fitted.evaluate(plain)
