@@ -256,12 +256,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from flt_mol.data.references import BASELINE_NAMES
 
     names = [n for n in BASELINE_NAMES if all(n in st["baselines"] for st in result["splits"].values())]
-    width = max(len(n) for n in names) + 2
     print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
-    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>{width}}" for n in names))
+    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>{len(n) + 2}}" for n in names))
     for s, st in result["splits"].items():
         print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
-              + "".join(f"{st['baselines'][n]:>{width}.3f}" for n in names))
+              + "".join(f"{st['baselines'][n]:>{len(n) + 2}.3f}" for n in names))
     return 0
 
 
