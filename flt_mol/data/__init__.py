@@ -7,6 +7,8 @@ used, which keeps ``flt-mol --help`` fast. Nothing registers itself by being imp
 * :class:`OC20LMDB`: a torch ``Dataset`` over an OC20 legacy ``.lmdb`` file or a folder of shards;
   :func:`write_lmdb`, :func:`atoms_to_data`, :class:`OC20FormatError`;
 * :func:`emt_is2re`: path of the embedded EMT-IS2RE LMDB of a split (built on first use);
+* :func:`emt_s2ef`: path of the embedded EMT-S2EF LMDB (energies and forces) of a split, derived
+  from EMT-IS2RE's structures (built on first use), and its :class:`S2EFConfig`;
 * :class:`PeriodicImages`, :func:`collate_atoms`, :class:`Collater`, :class:`AtomsBatch`;
 * :class:`TrivialBaselines`, :func:`fit_element_references`.
 """
@@ -22,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "write_lmdb": "flt_mol.data.oc20",
     "atoms_to_data": "flt_mol.data.oc20",
     "emt_is2re": "flt_mol.data.emt",
+    "emt_s2ef": "flt_mol.data.s2ef",
+    "S2EFConfig": "flt_mol.data.s2ef",
     "PeriodicImages": "flt_mol.data.pbc",
     "collate_atoms": "flt_mol.data.collate",
     "Collater": "flt_mol.data.collate",

@@ -295,8 +295,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``dataset {info,build,generate}`` to the ``flt-mol`` command line."""
-    parser = subparsers.add_parser("dataset", help="the embedded EMT-IS2RE data set (info, build, generate)")
+    """Add ``dataset {info,build,generate,s2ef-build,s2ef-info}`` to the ``flt-mol`` command line."""
+    parser = subparsers.add_parser(
+        "dataset", help="the embedded EMT-IS2RE / EMT-S2EF data sets (info, build, generate, s2ef-build, s2ef-info)")
     sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
     p = sub.add_parser("info", help="sizes, energy mean/std and trivial baselines per split")
     p.add_argument("--source", default=None, help="folder of the shipped files (default datasets/emt_is2re)")
@@ -317,6 +318,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="then copy the merged files into --source and write baselines.json")
     p.add_argument("--source", default=None, help="shipped folder for --ship (default datasets/emt_is2re)")
     p.set_defaults(func=_cmd_generate)
+    from flt_mol.data.commands import add_s2ef_actions  # EMT-S2EF: s2ef-build, s2ef-info
+
+    add_s2ef_actions(sub)
     return parser
 
 
