@@ -208,6 +208,12 @@ def split_items(split: str, *, config: S2EFConfig | None = None,
         yield from system_items(arrays, int(index), config)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _cache_key(shipped: Path, config: S2EFConfig) -> str:
     h = hashlib.sha256()
     h.update(_sha256(shipped).encode())
@@ -241,7 +247,7 @@ def emt_s2ef(split: str, *, root: str | os.PathLike | None = None, source: str |
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(config.to_json() + "\n")
+    _write_atomic(folder / "config.json", config.to_json() + "\n")  # what the folder holds
     # A private name, then a rename: two racing processes both write the same file harmlessly.
     tmp = folder / f".{split}.{os.getpid()}.{uuid.uuid4().hex[:8]}.lmdb"
     try:
