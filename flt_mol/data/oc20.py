@@ -59,6 +59,7 @@ __all__ = [
     "validate_data",
     "write_lmdb",
     "atoms_to_data",
+    "data_to_atoms",
     "oc20_tags_from_ase_layers",
     "LMDB_READ_KWARGS",
     "close_environments",
@@ -644,3 +645,45 @@ def atoms_to_data(
     if fid is not None:
         data.fid = int(fid)
     return data
+
+
+def data_to_atoms(data: Data, *, positions: str = "pos") -> ase.Atoms:
+    """One OC20 ``Data`` as ASE ``Atoms`` (the inverse of :func:`atoms_to_data`), e.g. to relax it.
+
+    ``numbers`` from ``atomic_numbers``; positions from the field ``positions`` (``"pos"`` or
+    ``"pos_relaxed"``); ``cell`` and ``pbc`` from the fields of those names (no ``pbc`` field:
+    OC20's slab convention ``(True, True, False)``); OC20 ``tags`` as ASE tags; a ``FixAtoms``
+    constraint on the atoms with ``fixed`` nonzero. When the structure carries S2EF targets for
+    ``pos`` (``y`` and/or ``force``) they are attached as a ``SinglePointCalculator``, so
+    ``atoms.get_potential_energy()`` / ``get_forces()`` return them (forces with the constraint
+    applied, as ASE does; ``get_forces(apply_constraint=False)`` gives the stored ones).
+
+    Raises:
+        KeyError: ``positions`` names a field the structure does not have.
+    """
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.constraints import FixAtoms
+
+    fields = data.to_dict()
+    if positions not in fields:
+        raise KeyError(f"data_to_atoms: the structure has no field {positions!r}")
+    pbc = fields.get("pbc")
+    atoms = Atoms(
+        numbers=np.rint(np.asarray(fields["atomic_numbers"], dtype=np.float64)).astype(np.int64),
+        positions=np.asarray(fields[positions], dtype=np.float64),
+        cell=np.asarray(fields["cell"], dtype=np.float64).reshape(3, 3),
+        pbc=np.asarray(pbc, dtype=bool).reshape(3) if pbc is not None else (True, True, False),
+        tags=np.asarray(fields["tags"], dtype=np.int64),
+    )
+    fixed = np.flatnonzero(np.asarray(fields["fixed"]) != 0)
+    if len(fixed):
+        atoms.set_constraint(FixAtoms(indices=fixed))
+    if positions == "pos" and ("y" in fields or "force" in fields):
+        results: dict[str, Any] = {}
+        if "y" in fields:
+            results["energy"] = float(fields["y"])
+        if "force" in fields:
+            results["forces"] = np.asarray(fields["force"], dtype=np.float64)
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms

@@ -13,7 +13,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from torch_geometric.data import Data
 
-from flt_mol.data.oc20 import OC20FormatError, OC20LMDB, atoms_to_data, write_lmdb
+from flt_mol.data.oc20 import OC20FormatError, OC20LMDB, atoms_to_data, data_to_atoms, write_lmdb
 
 
 @pytest.fixture(autouse=True)
@@ -443,3 +443,30 @@ def test_atoms_to_data_checks_force_shape():
     atoms = make_atoms(0)
     with pytest.raises(ValueError, match="force"):
         atoms_to_data(atoms, force=np.zeros((len(atoms), 2)))
+
+
+def test_data_to_atoms_inverts_atoms_to_data(tmp_path):
+    d = make_s2ef(2)
+    write_lmdb([d], tmp_path / "x.lmdb")
+    got = OC20LMDB(tmp_path / "x.lmdb")[0]
+    atoms = data_to_atoms(got)
+    np.testing.assert_allclose(atoms.positions, got.pos.numpy(), atol=0)
+    np.testing.assert_array_equal(atoms.numbers, got.atomic_numbers.numpy())
+    np.testing.assert_array_equal(atoms.get_tags(), got.tags.numpy())
+    assert list(atoms.pbc) == list(got.pbc.reshape(3).tolist())
+    fixed = np.flatnonzero(got.fixed.numpy())
+    assert len(fixed) and list(atoms.constraints[0].index) == list(fixed)
+    assert atoms.get_potential_energy() == got.y
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), got.force.numpy(), atol=0)
+    assert np.all(atoms.get_forces()[fixed] == 0)  # ASE applies FixAtoms to forces
+    back = atoms_to_data(atoms, y=got.y, force=atoms.get_forces(apply_constraint=False), fid=got.fid, sid=got.sid)
+    for key in ("pos", "cell", "atomic_numbers", "tags", "fixed", "force", "pbc"):
+        assert torch.equal(back[key], got[key]), key
+    # relaxed positions, no pbc field (slab convention), no calculator
+    d = make_data(1)
+    del d.pbc
+    relaxed = data_to_atoms(d, positions="pos_relaxed")
+    np.testing.assert_allclose(relaxed.positions, d.pos_relaxed.numpy(), atol=0)
+    assert list(relaxed.pbc) == [True, True, False] and relaxed.calc is None
+    with pytest.raises(KeyError, match="force"):
+        data_to_atoms(d, positions="force_x")
