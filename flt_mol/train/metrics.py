@@ -79,46 +79,90 @@ def metrics_from_totals(totals: torch.Tensor) -> dict[str, float]:
     }
 
 
-def average_entry(per_split: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
-    """The unweighted mean over splits of each metric (OC20 averages its four val splits this way).
-
-    Baseline MAEs present in every split are averaged as well; ``n`` is the total.
-    """
-    splits = [v for k, v in per_split.items() if k != "average"]
-    if not splits:
-        raise ValueError("no splits to average")
-    out: dict[str, object] = {k: sum(float(s[k]) for s in splits) / len(splits) for k in METRIC_KEYS}
-    out["n"] = int(sum(int(s["n"]) for s in splits))
+def _mean_baselines(splits: list[Mapping[str, object]]) -> dict[str, object] | None:
+    """Mean over splits of the baselines present in every split (a float MAE, or a dict of
+    metrics per baseline, averaged key by key)."""
     names = None
     for s in splits:
         keys = set(dict(s.get("baselines", {})))
         names = keys if names is None else names & keys
-    if names:
-        out["baselines"] = {
-            name: sum(float(s["baselines"][name]) for s in splits) / len(splits) for name in sorted(names)
-        }
+    if not names:
+        return None
+    out: dict[str, object] = {}
+    for name in sorted(names):
+        values = [s["baselines"][name] for s in splits]
+        if all(isinstance(v, Mapping) for v in values):
+            common = set.intersection(*(set(v) for v in values))
+            out[name] = {k: sum(float(v[k]) for v in values) / len(values) for k in sorted(common)}
+        else:
+            out[name] = sum(float(v) for v in values) / len(values)
     return out
 
 
+def average_entry(per_split: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
+    """The unweighted mean over splits of each metric (OC20 averages its four val splits this way).
+
+    Every metric of :data:`METRIC_KEYS`, :data:`S2EF_METRIC_KEYS` and :data:`ADWT_METRIC_KEYS`
+    present in all splits is averaged; baselines present in every split as well; ``n`` (and
+    ``n_atoms``) are totals.
+    """
+    splits = [v for k, v in per_split.items() if k != "average"]
+    if not splits:
+        raise ValueError("no splits to average")
+    keys = [k for k in S2EF_METRIC_KEYS + ADWT_METRIC_KEYS if all(k in s for s in splits)]
+    out: dict[str, object] = {k: sum(float(s[k]) for s in splits) / len(splits) for k in keys}
+    out["n"] = int(sum(int(s["n"]) for s in splits))
+    if all("n_atoms" in s for s in splits):
+        out["n_atoms"] = int(sum(int(s["n_atoms"]) for s in splits))
+    baselines = _mean_baselines(splits)
+    if baselines is not None:
+        out["baselines"] = baselines
+    return out
+
+
+# (column header, metric key, format) per metric group; a group is shown when every row has it.
+_COLUMNS: tuple[tuple[tuple[str, str, str], ...], ...] = (
+    (("MAE", "energy_mae", "{:.4f}"), ("MSE", "energy_mse", "{:.4f}"), ("EwT", "energy_within_threshold", "%")),
+    (("F MAE", "forces_mae", "{:.4f}"), ("F cos", "forces_cos", "{:.4f}"),
+     ("EFwT", "energy_forces_within_threshold", "%")),
+    (("ADwT", "average_distance_within_threshold", "%"), ("mean dist", "mean_distance", "{:.4f}")),
+)
+
+
+def _cell(value: object, fmt: str) -> str:
+    value = float(value)
+    if math.isnan(value):
+        return "-"
+    return f"{100 * value:.2f}%" if fmt == "%" else fmt.format(value)
+
+
+def _baseline_cell(value: object) -> str:
+    if isinstance(value, Mapping):  # S2EF baselines: energy MAE / force MAE
+        parts = [_cell(value[k], "{:.4f}") for k in ("energy_mae", "forces_mae") if k in value]
+        return " / ".join(parts) if parts else "-"
+    return _cell(value, "{:.4f}")
+
+
 def format_table(metrics: Mapping[str, Mapping[str, object]]) -> str:
-    """A readable table: split, n, MAE, MSE, EwT and each baseline's MAE (all energies in eV)."""
+    """A readable table: split, n, the metrics present (energy MAE, MSE, EwT; force MAE, force
+    cosine, EFwT; ADwT, mean distance) and each baseline's MAE (energies eV, forces eV/A,
+    distances A; an S2EF baseline shows ``energy MAE / force MAE``)."""
     names: list[str] = []
+    nested: set[str] = set()
     for entry in metrics.values():
-        for name in dict(entry.get("baselines", {})):
+        for name, value in dict(entry.get("baselines", {})).items():
             if name not in names:
                 names.append(name)
-    header = ["split", "n", "MAE", "MSE", "EwT"] + [f"{n} MAE" for n in names]
+            if isinstance(value, Mapping):
+                nested.add(name)
+    columns = [c for group in _COLUMNS if all(group[0][1] in e for e in metrics.values()) for c in group]
+    header = ["split", "n"] + [c[0] for c in columns]
+    header += [f"{n} MAE (E / F)" if n in nested else f"{n} MAE" for n in names]
     rows = []
     for split, entry in metrics.items():
         base = dict(entry.get("baselines", {}))
-        row = [
-            str(split),
-            str(entry.get("n", "")),
-            f"{float(entry['energy_mae']):.4f}",
-            f"{float(entry['energy_mse']):.4f}",
-            f"{100 * float(entry['energy_within_threshold']):.2f}%",
-        ]
-        row += [f"{float(base[n]):.4f}" if n in base and not math.isnan(float(base[n])) else "-" for n in names]
+        row = [str(split), str(entry.get("n", ""))] + [_cell(entry[key], fmt) for _, key, fmt in columns]
+        row += [_baseline_cell(base[n]) if n in base else "-" for n in names]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -162,9 +206,10 @@ def s2ef_totals(
     """S2EF totals of a batch (module docstring), float64 ``[10]``:
     ``[sum |e|, sum e^2, #(|e| < 0.02), B, sum |d|, sum d^2, 3 A, sum cos, A, #EFwT]``.
 
-    Atoms are concatenated structure by structure (PyG layout); padded batches flatten their
-    real atoms first. Sum the totals over batches and ranks, then call
-    :func:`s2ef_metrics_from_totals`.
+    Atoms are concatenated structure by structure (PyG layout); a padded
+    :class:`flt_mol.data.collate.AtomsBatch` passes ``forces[batch.real_mask]`` (boolean indexing
+    keeps that order), ``batch.fixed[batch.real_mask]`` and ``batch.natoms``. Sum the totals
+    over batches and ranks, then call :func:`s2ef_metrics_from_totals`.
 
     Args:
         energy_pred, energy_target: ``[B]`` energies (eV).

@@ -225,3 +225,31 @@ def test_adwt_totals_reduce_over_batches_and_bad_input():
         adwt_totals(pred, target, cell[:3], natoms)
     with pytest.raises(ValueError, match="N = 0"):
         adwt_metrics_from_totals(torch.zeros(4, dtype=torch.float64))
+
+
+def test_average_and_table_with_forces_positions_and_nested_baselines():
+    def entry(e, f, cos, efwt, adwt, n, base_e, base_f):
+        return {"energy_mae": e, "energy_mse": e * e, "energy_within_threshold": 0.5, "forces_mae": f,
+                "forces_mse": f * f, "forces_cos": cos, "energy_forces_within_threshold": efwt,
+                "average_distance_within_threshold": adwt, "mean_distance": 0.1, "n": n, "n_atoms": 3 * n,
+                "baselines": {"mean_energy_zero_forces": {"energy_mae": base_e, "forces_mae": base_f},
+                              "train_mean": base_e}}
+
+    metrics = {"a": entry(0.1, 0.05, 0.9, 0.2, 0.4, 10, 2.0, 0.5), "b": entry(0.3, 0.15, 0.5, 0.0, 0.6, 30, 1.0, 0.3)}
+    avg = average_entry(metrics)
+    assert avg["forces_mae"] == pytest.approx(0.1) and avg["forces_cos"] == pytest.approx(0.7)
+    assert avg["energy_forces_within_threshold"] == pytest.approx(0.1)
+    assert avg["average_distance_within_threshold"] == pytest.approx(0.5)
+    assert avg["n"] == 40 and avg["n_atoms"] == 120
+    assert avg["baselines"]["mean_energy_zero_forces"] == pytest.approx({"energy_mae": 1.5, "forces_mae": 0.4})
+    assert avg["baselines"]["train_mean"] == pytest.approx(1.5)
+    lines = format_table({**metrics, "average": avg}).splitlines()
+    head = lines[0]
+    for col in ("EwT", "F MAE", "F cos", "EFwT", "ADwT", "mean_energy_zero_forces MAE (E / F)", "train_mean MAE"):
+        assert col in head
+    assert lines[2].split()[:10] == ["a", "10", "0.1000", "0.0100", "50.00%", "0.0500", "0.9000", "20.00%",
+                                     "40.00%", "0.1000"]
+    assert "2.0000 / 0.5000" in lines[2]
+    # Energy-only entries keep the IS2RE table exactly (no force / ADwT columns).
+    plain = {"x": {"energy_mae": 0.1, "energy_mse": 0.02, "energy_within_threshold": 0.5, "n": 3}}
+    assert format_table(plain).splitlines()[0].split() == ["split", "n", "MAE", "MSE", "EwT"]
