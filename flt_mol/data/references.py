@@ -11,7 +11,10 @@ Two things every IS2RE number should be read against:
   systems with the same adsorbate, the sorted formula of the tag-2 atoms; the train mean for an
   adsorbate never seen in training) and ``composition_linear`` (the element-reference fit; an
   element never seen in training contributes 0 eV to it).
-* ``per_adsorbate_facet_site_mean``, the strongest of them on EMT-IS2RE: the train mean of
+* **S2EF baselines** (:class:`S2EFBaselines`): the energy predicted by the train mean or the
+  composition-linear fit of the S2EF energy ``y``, with zero forces, scored with OC20's S2EF
+  metrics (:func:`flt_mol.train.metrics.s2ef_totals`, forces on free atoms).
+* ``per_adsorbate_facet_site_mean``, the strongest IS2RE baseline on EMT-IS2RE: the train mean of
   systems with the same adsorbate, facet and *initial* site type (:func:`site_key`), falling
   back to the per-adsorbate mean for an unseen combination (and so to the train mean for an
   unseen adsorbate). It needs the integer fields ``facet`` and ``site_type`` on every structure
@@ -44,12 +47,15 @@ __all__ = [
     "BASELINE_NAMES",
     "site_key",
     "has_site_fields",
+    "S2EFBaselines",
+    "S2EF_BASELINE_NAMES",
 ]
 
 MAX_Z = 118
 BASELINE_NAMES: tuple[str, ...] = (
     "train_mean", "per_adsorbate_mean", "composition_linear", "per_adsorbate_facet_site_mean",
 )
+S2EF_BASELINE_NAMES: tuple[str, ...] = ("train_mean_zero_forces", "composition_linear_zero_forces")
 
 
 def _iterate(items: Sequence[Any] | Iterable[Any]) -> Iterable[Any]:
@@ -329,3 +335,63 @@ class TrivialBaselines:
         return cls(mean=float(obj["mean"]), per_adsorbate={str(k): float(v) for k, v in obj["per_adsorbate"].items()},
                    references=ElementReferences.from_dict(obj["references"]),
                    per_site={str(k): float(v) for k, v in per_site.items()} if per_site is not None else None)
+
+
+@dataclasses.dataclass
+class S2EFBaselines:
+    """Trivial S2EF baselines fitted on training frames (module docstring).
+
+    ``evaluate`` returns ``{name: {"energy_mae", "forces_mae", "forces_cos",
+    "energy_forces_within_threshold"}}`` for the names of :data:`S2EF_BASELINE_NAMES`: the
+    energy of the train mean (``train_mean_zero_forces``) or of the composition-linear fit
+    (``composition_linear_zero_forces``; elements unseen in training contribute 0), forces 0.
+
+    Attributes:
+        mean: train mean of the energy field.
+        references: composition-linear fit of the energy field.
+        target: the energy field (``"y"``; ``"y_adsorption"`` on EMT-S2EF also works).
+    """
+
+    mean: float
+    references: ElementReferences
+    target: str = "y"
+
+    @classmethod
+    def fit(cls, items: Sequence[Any] | Iterable[Any], *, target: str = "y") -> "S2EFBaselines":
+        """Fit on training frames (``Data`` list or ``OC20LMDB``)."""
+        items = list(_iterate(items))
+        y = targets(items, target=target)
+        return cls(mean=float(y.mean()), references=fit_counts(composition_matrix(items), y), target=target)
+
+    def evaluate(self, items: Sequence[Any] | Iterable[Any]) -> dict[str, dict[str, float]]:
+        """OC20 S2EF metrics of each baseline on frames with ``force`` and the energy field."""
+        import torch
+
+        from flt_mol.train.metrics import s2ef_metrics_from_totals, s2ef_totals
+
+        items = list(_iterate(items))
+        y = torch.from_numpy(targets(items, target=self.target))
+        for i, d in enumerate(items):
+            if getattr(d, "force", None) is None:
+                raise ValueError(f"item {i} has no field 'force'")
+        force = torch.cat([torch.as_tensor(d.force).double().reshape(-1, 3) for d in items])
+        fixed = torch.cat([torch.as_tensor(d.fixed).reshape(-1) for d in items])
+        natoms = torch.tensor([torch.as_tensor(d.force).reshape(-1, 3).shape[0] for d in items])
+        predictions = {
+            "train_mean_zero_forces": torch.full_like(y, self.mean),
+            "composition_linear_zero_forces": torch.from_numpy(
+                self.references.predict_counts(composition_matrix(items), unseen="zero")),
+        }
+        out = {}
+        for name, energy in predictions.items():
+            m = s2ef_metrics_from_totals(s2ef_totals(energy, y, torch.zeros_like(force), force, natoms, fixed=fixed))
+            out[name] = {k: m[k] for k in ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold")}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "references": self.references.to_dict(), "target": self.target}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> "S2EFBaselines":
+        return cls(mean=float(obj["mean"]), references=ElementReferences.from_dict(obj["references"]),
+                   target=str(obj.get("target", "y")))

@@ -262,20 +262,17 @@ def emt_s2ef(split: str, *, root: str | os.PathLike | None = None, source: str |
 # statistics and trivial baselines
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """Per-frame arrays of an S2EF LMDB: energies, compositions, forces, free mask, natoms."""
+def _load(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """The frames of an S2EF LMDB and their per-frame arrays (energies, forces, free mask)."""
     from flt_mol.data.oc20 import OC20LMDB
-    from flt_mol.data.references import composition_matrix
 
     ds = OC20LMDB(path)
     items = [ds[i] for i in range(len(ds))]
-    return {
+    return items, {
         "y": np.array([d.y for d in items], dtype=np.float64),
         "y_adsorption": np.array([d.y_adsorption for d in items], dtype=np.float64),
-        "counts": composition_matrix(items),
         "force": np.concatenate([d.force.numpy() for d in items]).astype(np.float64),
         "fixed": np.concatenate([d.fixed.numpy() for d in items]),
-        "natoms": np.array([d.natoms for d in items], dtype=np.int64),
         "sid": np.array([d.sid for d in items], dtype=np.int64),
     }
 
@@ -284,10 +281,10 @@ def s2ef_statistics(*, root: str | os.PathLike | None = None, source: str | os.P
                     config: S2EFConfig | None = None, splits: tuple[str, ...] = S2EF_SPLITS) -> dict[str, Any]:
     """Sizes, energy / force statistics and trivial baselines of EMT-S2EF splits (builds them).
 
-    Baselines are fitted on ``train``'s frames and scored with OC20's S2EF metrics
-    (:func:`flt_mol.train.metrics.s2ef_totals`, forces on free atoms): energy = train mean of
-    ``y`` or a composition-linear fit of ``y`` (:func:`flt_mol.data.references.fit_counts`), with
-    zero forces; ``y_adsorption`` MAE of its train mean.
+    Baselines (:class:`flt_mol.data.references.S2EFBaselines`) are fitted on ``train``'s frames
+    and scored with OC20's S2EF metrics (forces on free atoms): energy = train mean of ``y`` or
+    a composition-linear fit of ``y``, with zero forces; plus ``adsorption_train_mean``, the
+    ``y_adsorption`` MAE of its train mean.
 
     Returns:
         ``{split: {"n_frames", "n_systems", "n_free_atoms", "energy_mean", "energy_std",
@@ -295,31 +292,16 @@ def s2ef_statistics(*, root: str | os.PathLike | None = None, source: str | os.P
         "force_norm_median", "force_norm_p99", "baselines": {name: {metric: value}}}}``; force
         statistics over free atoms (components, or per-atom norms).
     """
-    import torch
-
-    from flt_mol.data.references import fit_counts
-    from flt_mol.train.metrics import s2ef_metrics_from_totals, s2ef_totals
+    from flt_mol.data.references import S2EFBaselines
 
     data = {s: _load(emt_s2ef(s, root=root, source=source, config=config)) for s in dict.fromkeys(("train", *splits))}
-    tr = data["train"]
-    mean, ads_mean = float(tr["y"].mean()), float(tr["y_adsorption"].mean())
-    linear = fit_counts(tr["counts"], tr["y"])
+    train_items, train = data["train"]
+    fit = S2EFBaselines.fit(train_items)
+    ads_mean = float(train["y_adsorption"].mean())
     out: dict[str, Any] = {}
     for s in splits:
-        d = data[s]
-        zeros = torch.zeros(len(d["force"]), 3, dtype=torch.float64)
-        predictions = {
-            "train_mean_zero_forces": np.full(len(d["y"]), mean),
-            "composition_linear_zero_forces": linear.predict_counts(d["counts"], unseen="zero"),
-        }
-        baselines = {}
-        for name, pred in predictions.items():
-            totals = s2ef_totals(torch.from_numpy(pred), torch.from_numpy(d["y"]), zeros,
-                                 torch.from_numpy(d["force"]), torch.from_numpy(d["natoms"]),
-                                 fixed=torch.from_numpy(d["fixed"]))
-            m = s2ef_metrics_from_totals(totals)
-            baselines[name] = {k: m[k] for k in ("energy_mae", "forces_mae", "forces_cos",
-                                                 "energy_forces_within_threshold")}
+        items, d = data[s]
+        baselines: dict[str, Any] = fit.evaluate(items)
         baselines["adsorption_train_mean"] = {"energy_mae": float(np.abs(d["y_adsorption"] - ads_mean).mean())}
         out[s] = {**_summary(d), "baselines": baselines}
     return out
@@ -346,4 +328,4 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 
 def split_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Sizes and energy / force statistics (free atoms) of one EMT-S2EF LMDB, no baselines."""
-    return _summary(_load(Path(path)))
+    return _summary(_load(Path(path))[1])

@@ -178,3 +178,38 @@ def test_site_baseline_needs_facet_and_site_fields():
     assert set(tb.evaluate(with_fields)) == {"train_mean", "per_adsorbate_mean", "composition_linear"}
     fitted = TrivialBaselines.fit(with_fields)
     assert "per_adsorbate_facet_site_mean" not in fitted.evaluate(plain)
+
+
+def test_s2ef_baselines_by_hand():
+    from flt_mol.data.references import S2EFBaselines
+
+    def frame(slab, ads, y, force, sid):
+        d = _system(slab, ads, 0.0, sid)
+        d.y = y
+        d.force = torch.tensor(force, dtype=torch.float32)
+        return d
+
+    # 2 slab atoms (first fixed: tags 0, 1) + 1 adsorbate atom per frame
+    f_a = [[9.0, 9.0, 9.0], [0.01, 0.0, -0.02], [0.0, 0.0, 0.0]]  # free components all < 0.03
+    f_b = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -2.0, 0.0]]
+    train = [frame([29, 29], [8], -1.0, f_a, 0), frame([29, 29], [8], -3.0, f_b, 1)]
+    fit = S2EFBaselines.fit(train)
+    assert fit.mean == pytest.approx(-2.0)
+    m = fit.evaluate(train)
+    assert set(m) == {"train_mean_zero_forces", "composition_linear_zero_forces"}
+    zero = m["train_mean_zero_forces"]
+    assert zero["energy_mae"] == pytest.approx(1.0)
+    # free atoms only (the 9 eV/A on the fixed atom is ignored): (0.01 + 0.02 + 1 + 2) / 12
+    assert zero["forces_mae"] == pytest.approx(3.03 / 12, rel=1e-6)
+    assert zero["forces_cos"] == 0.0
+    assert zero["energy_forces_within_threshold"] == 0.0  # energies are 1 eV off
+    # An exact energy with zero forces passes EFwT on the frame whose free forces are tiny.
+    exact = S2EFBaselines(mean=-1.0, references=fit.references)
+    assert exact.evaluate(train)["train_mean_zero_forces"]["energy_forces_within_threshold"] == 0.5
+    back = S2EFBaselines.from_dict(fit.to_dict())
+    again = back.evaluate(train)
+    for name in m:
+        assert again[name] == pytest.approx(m[name])
+    del train[1].force
+    with pytest.raises(ValueError, match="item 1 has no field 'force'"):
+        fit.evaluate(train)
