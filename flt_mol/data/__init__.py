@@ -10,7 +10,7 @@ used, which keeps ``flt-mol --help`` fast. Nothing registers itself by being imp
 * :func:`emt_s2ef`: path of the embedded EMT-S2EF LMDB (energies and forces) of a split, derived
   from EMT-IS2RE's structures (built on first use), and its :class:`S2EFConfig`;
 * :class:`PeriodicImages`, :func:`collate_atoms`, :class:`Collater`, :class:`AtomsBatch`;
-* :class:`TrivialBaselines`, :func:`fit_element_references`.
+* :class:`TrivialBaselines` (IS2RE), :class:`S2EFBaselines`, :func:`fit_element_references`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "Collater": "flt_mol.data.collate",
     "AtomsBatch": "flt_mol.data.collate",
     "TrivialBaselines": "flt_mol.data.references",
+    "S2EFBaselines": "flt_mol.data.references",
     "fit_element_references": "flt_mol.data.references",
 }
 
