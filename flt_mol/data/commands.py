@@ -32,7 +32,7 @@ from typing import Any
 
 from flt_mol.errors import InputError, UsageError
 
-__all__ = ["add_parser", "run_convert", "read_structures"]
+__all__ = ["add_parser", "run_convert", "read_structures", "add_s2ef_actions"]
 
 _CALC_ENERGY_CHOICES = ("y_relaxed", "y_init", "none")
 
@@ -260,12 +260,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result["splits"], indent=1))
         return 0
-    names = ("train_mean", "per_adsorbate_mean", "composition_linear")
+    from flt_mol.data.references import BASELINE_NAMES
+
+    names = [n for n in BASELINE_NAMES if all(n in st["baselines"] for st in result["splits"].values())]
     print(f"EMT-IS2RE ({source}); energies in eV, baselines fitted on train (MAE)")
-    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>20}" for n in names))
+    print(f"{'split':<14}{'systems':>8}{'kept':>7}{'mean':>8}{'std':>7}" + "".join(f"{n:>{len(n) + 2}}" for n in names))
     for s, st in result["splits"].items():
         print(f"{s:<14}{st['n_systems']:>8}{st['n_kept']:>7}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
-              + "".join(f"{st['baselines'][n]:>20.3f}" for n in names))
+              + "".join(f"{st['baselines'][n]:>{len(n) + 2}.3f}" for n in names))
     root = cache_root(args.root)
     print(f"\nLMDB cache: {root / 'emt_is2re'} (built on first use; FLT_MOL_DATA_DIR or --root moves it)")
     for s in EMT_SPLITS:
@@ -313,7 +315,7 @@ _SOURCE_HELP = "folder of the shipped <split>.npz files (default: datasets/emt_i
 
 def _add_dataset_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "dataset", help="the embedded EMT-IS2RE data set (info, build, generate)",
+        "dataset", help="the embedded EMT-IS2RE and EMT-S2EF data sets (info, build, generate, s2ef-build, s2ef-info)",
         description="The embedded EMT-IS2RE data set: shipped as compact .npz files, built into OC20 "
         "LMDBs on first use under <cache root>/emt_is2re/<hash>/ (cache root: $FLT_MOL_DATA_DIR, "
         "else ~/.cache/flt_mol). Recipes and --data name a split as emt:SPLIT.",
@@ -340,3 +342,70 @@ def _add_dataset_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="then copy the merged files into --source and write baselines.json")
     p.add_argument("--source", default=None, help="shipped folder for --ship (default: datasets/emt_is2re)")
     p.set_defaults(func=_cmd_generate)
+    add_s2ef_actions(sub)
+
+
+# --------------------------------------------------------------------------------------------
+# flt-mol dataset s2ef-build | s2ef-info  (EMT-S2EF)
+
+
+def add_s2ef_actions(sub: argparse._SubParsersAction) -> None:
+    """Add ``s2ef-build`` and ``s2ef-info`` to the ``flt-mol dataset`` actions."""
+    from flt_mol.data.s2ef import S2EF_SPLITS
+
+    p = sub.add_parser("s2ef-build", help="build the EMT-S2EF LMDBs (energies + forces; ~1-2 min, cached)")
+    p.add_argument("splits", nargs="*", metavar="SPLIT", help=f"default: all of {', '.join(S2EF_SPLITS)}")
+    p.add_argument("--root", default=None, help="cache root (default $FLT_MOL_DATA_DIR or ~/.cache/flt_mol)")
+    p.add_argument("--source", default=None, help="folder of the shipped EMT-IS2RE files")
+    p.set_defaults(func=run_s2ef_build)
+    p = sub.add_parser("s2ef-info", help="EMT-S2EF sizes, energy/force statistics and trivial baselines")
+    p.add_argument("--compute", action="store_true",
+                   help="build the splits and measure (default: print datasets/emt_s2ef/stats.json)")
+    p.add_argument("--root", default=None, help="cache root for --compute")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_s2ef_info)
+
+
+def run_s2ef_build(args: argparse.Namespace) -> int:
+    """``flt-mol dataset s2ef-build [SPLIT ...]``: print each split's LMDB path."""
+    import time
+
+    from flt_mol.data.s2ef import S2EF_SPLITS, emt_s2ef
+
+    splits = args.splits if args.splits else list(S2EF_SPLITS)
+    bad = [s for s in splits if s not in S2EF_SPLITS]
+    if bad:
+        raise UsageError(f"unknown EMT-S2EF split {bad[0]!r}; valid splits: {', '.join(S2EF_SPLITS)}")
+    for s in splits:
+        t0 = time.perf_counter()
+        path = emt_s2ef(s, root=args.root, source=args.source)
+        print(f"{s}: {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def run_s2ef_info(args: argparse.Namespace) -> int:
+    """``flt-mol dataset s2ef-info``: the data card's statistics table."""
+    import json
+
+    from flt_mol.data.s2ef import SHIPPED_S2EF_DIR, s2ef_statistics
+
+    path = SHIPPED_S2EF_DIR / "stats.json"
+    if args.compute or not path.is_file():
+        stats = s2ef_statistics(root=args.root)
+    else:
+        stats = json.loads(path.read_text())["stats"]
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print("EMT-S2EF; energies eV (y: total EMT energy), forces eV/A on free atoms; baselines fitted on train")
+    header = (f"{'split':<14}{'frames':>7}{'systems':>8}{'E mean':>8}{'E std':>7}{'|F| mean':>9}{'F rms':>7}"
+              f"{'mean-E MAE':>11}{'linear-E MAE':>13}{'0-force MAE':>12}{'EFwT':>7}")
+    print(header)
+    for s, st in stats.items():
+        b = st["baselines"]
+        print(f"{s:<14}{st['n_frames']:>7}{st['n_systems']:>8}{st['energy_mean']:>8.3f}{st['energy_std']:>7.3f}"
+              f"{st['force_abs_mean']:>9.3f}{st['force_rms']:>7.3f}"
+              f"{b['train_mean_zero_forces']['energy_mae']:>11.3f}{b['composition_linear_zero_forces']['energy_mae']:>13.3f}"
+              f"{b['train_mean_zero_forces']['forces_mae']:>12.3f}"
+              f"{100 * b['composition_linear_zero_forces']['energy_forces_within_threshold']:>6.1f}%")
+    return 0

@@ -7,9 +7,13 @@ into ``datasets/emt_is2re/``. :func:`emt_is2re` turns a split into an OC20 legac
 use, written by :func:`flt_mol.data.oc20.write_lmdb` under a temporary name and renamed (two
 processes racing both produce the same file; the last rename wins), cached under
 
-    <root>/emt_is2re/<sha256 of the split's npz, 16 hex>/<split>.lmdb
+    <root>/emt_is2re/<sha256 of the split's npz, 16 hex>-v<LMDB_VERSION>/<split>.lmdb
 
-with ``root`` = the argument, else ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``. Systems
+with ``root`` = the argument, else ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``
+(``LMDB_VERSION`` changes when the entries gain fields, so old caches are not reused). Besides
+the OC20 fields each entry carries the integer ``facet`` (0 (111), 1 (100), 2 (110)) and
+``site_type`` (0 top, 1 bridge, 2 hollow, of the initial placement), which the
+``per_adsorbate_facet_site_mean`` baseline reads (:mod:`flt_mol.data.references`). Systems
 flagged anomalous by the generator (desorbed, dissociated, reconstructed, not converged) are kept
 in the shipped files but left out of the LMDBs.
 """
@@ -40,6 +44,8 @@ __all__ = [
 ]
 
 EMT_SPLITS: tuple[str, ...] = ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+# Version of the LMDB entries built from the shipped files (2: + facet, site_type).
+LMDB_VERSION = 2
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "emt_is2re"
 
 
@@ -98,6 +104,8 @@ def split_items(arrays: dict[str, np.ndarray], *, keep_anomalous: bool = False) 
             y_init=float(arrays["y_init"][i]),
             y_relaxed=float(arrays["y_relaxed"][i]),
             pos_relaxed=torch.from_numpy(arrays["pos_relaxed"][a:b].astype(np.float32)),
+            facet=int(arrays["facet"][i]),
+            site_type=int(arrays["site_type"][i]),
         ))
     return out
 
@@ -119,7 +127,7 @@ def cached_lmdb_path(split: str, *, root: str | os.PathLike | None = None,
                      source: str | os.PathLike | None = None) -> Path:
     """Where :func:`emt_is2re` keeps (or will build) the LMDB of ``split``; builds nothing."""
     shipped = _shipped_file(split, _folder(source))
-    return cache_root(root) / "emt_is2re" / _sha256(shipped)[:16] / f"{split}.lmdb"
+    return cache_root(root) / "emt_is2re" / f"{_sha256(shipped)[:16]}-v{LMDB_VERSION}" / f"{split}.lmdb"
 
 
 def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
@@ -129,7 +137,7 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
     Args:
         split: one of :data:`EMT_SPLITS`.
         root: cache root (default ``$FLT_MOL_DATA_DIR``, else ``~/.cache/flt_mol``); the file is
-            ``root/emt_is2re/<hash of the shipped npz>/<split>.lmdb``.
+            ``root/emt_is2re/<hash of the shipped npz>-v<LMDB_VERSION>/<split>.lmdb``.
         source: folder of the shipped ``<split>.npz`` files (default ``datasets/emt_is2re``).
 
     Raises:
@@ -157,6 +165,13 @@ def emt_is2re(split: str, *, root: str | os.PathLike | None = None,
 
 # --------------------------------------------------------------------------------------------
 # statistics and baselines
+
+
+def _site_keys(arrays: dict[str, np.ndarray], mask: np.ndarray, keys: list[str]) -> list[str]:
+    from flt_mol.data.references import site_key
+
+    idx = np.flatnonzero(mask)
+    return [site_key(k, int(arrays["facet"][i]), int(arrays["site_type"][i])) for k, i in zip(keys, idx)]
 
 
 def _keys_and_counts(arrays: dict[str, np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -207,14 +222,16 @@ def compute_baselines(*, source: str | os.PathLike | None = None) -> dict[str, A
 
     arrays = {s: load_split_arrays(s, source=source) for s in EMT_SPLITS}
     tr = arrays["train"]
-    counts, keys = _keys_and_counts(tr, tr["flags"] == 0)
-    fit = TrivialBaselines.fit_arrays(counts, keys, tr["y_relaxed"][tr["flags"] == 0])
+    kept = tr["flags"] == 0
+    counts, keys = _keys_and_counts(tr, kept)
+    fit = TrivialBaselines.fit_arrays(counts, keys, tr["y_relaxed"][kept], _site_keys(tr, kept, keys))
     out: dict[str, Any] = {"fit": fit.to_dict(), "splits": {}}
     for s in EMT_SPLITS:
         a = arrays[s]
         mask = a["flags"] == 0
         c, k = _keys_and_counts(a, mask)
-        out["splits"][s] = {**split_statistics(a), "baselines": fit.evaluate_arrays(c, k, a["y_relaxed"][mask])}
+        out["splits"][s] = {**split_statistics(a), "baselines": fit.evaluate_arrays(
+            c, k, a["y_relaxed"][mask], _site_keys(a, mask, k))}
     return out
 
 

@@ -18,9 +18,14 @@ sid             scalar          Python int (system id; absent in some splits)
 y_init          scalar          Python float, energy of the initial structure (eV)
 y_relaxed       scalar          Python float, IS2RE target (eV)
 pos_relaxed     [N, 3]          float32, relaxed positions
+y               scalar          Python float, S2EF energy of ``pos`` (eV)
+force           [N, 3]          float32, S2EF forces on ``pos`` (eV/A)
+fid             scalar          Python int, S2EF frame id within the system's trajectory
 ==============  ==============  =========================================================
 
-Test splits carry no ``y_init`` / ``y_relaxed`` / ``pos_relaxed``. Values are unpickled through
+IS2RE entries carry ``y_init`` / ``y_relaxed`` / ``pos_relaxed``; S2EF entries (fairchem's
+``LmdbDataset`` names, as written by OC20's S2EF preprocessing) carry ``y`` / ``force`` /
+``fid``. Every target field is optional. Test splits carry no targets. Values are unpickled through
 :mod:`flt_mol.data.safe_pickle` (allow-list). Objects pickled under PyG 1.x (no ``_store``) are
 rebuilt as ``Data(**obj.__dict__)``, as fairchem does.
 """
@@ -56,6 +61,7 @@ __all__ = [
     "validate_data",
     "write_lmdb",
     "atoms_to_data",
+    "data_to_atoms",
     "oc20_tags_from_ase_layers",
     "LMDB_READ_KWARGS",
     "close_environments",
@@ -143,8 +149,9 @@ def _check_atomic_numbers(numbers: torch.Tensor, *, source: str) -> None:
 def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
     """Check one OC20 structure and normalise dtypes in place; return it.
 
-    Normalised: ``pos``/``pos_relaxed``/``cell``/``atomic_numbers``/``fixed`` float32,
-    ``cell`` [1,3,3], ``tags`` int64, ``natoms``/``sid`` int, ``y_*`` float.
+    Normalised: ``pos``/``pos_relaxed``/``force``/``cell``/``atomic_numbers``/``fixed``
+    float32, ``cell`` [1,3,3], ``tags`` int64, ``natoms``/``sid``/``fid`` int, ``y``/``y_*``
+    float.
 
     Args:
         data: the structure.
@@ -194,6 +201,7 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
     tags = normalised("tags", torch.long)
     fixed = normalised("fixed", torch.float32)
     pos_relaxed = normalised("pos_relaxed", torch.float32) if "pos_relaxed" in mapping else None
+    force = normalised("force", torch.float32) if "force" in mapping else None
     if check:
         for field, t in (("atomic_numbers", numbers), ("tags", tags), ("fixed", fixed)):
             if t.shape != (n,):
@@ -201,17 +209,19 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
                     f"{source}: field {field!r} must have shape [{n}] (one per atom), "
                     f"got {tuple(t.shape)}"
                 )
-        if pos_relaxed is not None and pos_relaxed.shape != (n, 3):
-            raise OC20FormatError(
-                f"{source}: field 'pos_relaxed' must have shape [{n}, 3], "
-                f"got {tuple(pos_relaxed.shape)}"
-            )
+        for field, t in (("pos_relaxed", pos_relaxed), ("force", force)):
+            if t is not None and t.shape != (n, 3):
+                raise OC20FormatError(
+                    f"{source}: field {field!r} must have shape [{n}, 3], got {tuple(t.shape)}"
+                )
         # inf + -inf in the sums below is NaN by design: no numpy "invalid value" warning.
         with np.errstate(invalid="ignore"):
             _check_finite(pos, source=source, field="pos")
             _check_finite(cell, source=source, field="cell")
             if pos_relaxed is not None:
                 _check_finite(pos_relaxed, source=source, field="pos_relaxed")
+            if force is not None:
+                _check_finite(force, source=source, field="force")
         _check_atomic_numbers(numbers, source=source)
 
     # A sentinel, not None: a field present with the value None is reported, not skipped.
@@ -230,7 +240,7 @@ def validate_data(data: Data, *, source: str, check: bool = True) -> Data:
             raise OC20FormatError(f"{source}: field 'pbc' must have 3 entries (one per cell row), got {tuple(pbc.shape)}")
         if pbc.dtype != torch.bool or pbc.shape != (1, 3):
             updates["pbc"] = pbc.reshape(1, 3).bool()
-    for field, kind in (("y_init", float), ("y_relaxed", float), ("sid", int)):
+    for field, kind in (("y_init", float), ("y_relaxed", float), ("y", float), ("sid", int), ("fid", int)):
         value = mapping.get(field, _ABSENT)
         if value is not _ABSENT:
             scalar = _as_scalar(value, source=source, field=field, kind=kind)
@@ -345,7 +355,8 @@ class OC20LMDB(Dataset):
             element range). Missing fields and corrupt entries are always reported.
 
     Shapes (of ``ds[i]``): pos [N,3], cell [1,3,3], atomic_numbers [N], tags [N], fixed [N],
-    pos_relaxed [N,3]; natoms, sid int; y_init, y_relaxed float.
+    pos_relaxed [N,3] (IS2RE), force [N,3] (S2EF); natoms, sid, fid int; y_init, y_relaxed,
+    y float. Fields a file does not hold are absent.
     """
 
     def __init__(
@@ -580,6 +591,9 @@ def atoms_to_data(
     y_relaxed: float | None = None,
     y_init: float | None = None,
     sid: int | None = None,
+    y: float | None = None,
+    force: Any = None,
+    fid: int | None = None,
 ) -> Data:
     """One ASE structure (plus optionally its relaxed state) as an OC20 ``Data``.
 
@@ -589,6 +603,8 @@ def atoms_to_data(
     constraint; ``y_init`` from the argument, else the energy the attached calculator already
     holds for ``atoms`` (nothing is computed); ``pos_relaxed`` from ``relaxed`` and ``y_relaxed``
     from the argument, else ``relaxed``'s stored calculator energy. Positions are not wrapped.
+    S2EF fields: ``y`` (energy of ``atoms``), ``force`` (``[N, 3]`` eV/A, array-like) and
+    ``fid`` from the arguments (nothing is computed or read from the calculator for them).
 
     Raises:
         ValueError: ``relaxed`` has other elements or another atom count than ``atoms``.
@@ -627,4 +643,54 @@ def atoms_to_data(
             y_relaxed = _stored_energy(relaxed)
     if y_relaxed is not None:
         data.y_relaxed = float(y_relaxed)
+    if y is not None:
+        data.y = float(y)
+    if force is not None:
+        data.force = torch.as_tensor(np.asarray(force, dtype=np.float64), dtype=torch.float32)
+        if data.force.shape != (n, 3):
+            raise ValueError(f"atoms_to_data: 'force' must have shape [{n}, 3], got {tuple(data.force.shape)}")
+    if fid is not None:
+        data.fid = int(fid)
     return data
+
+
+def data_to_atoms(data: Data, *, positions: str = "pos") -> ase.Atoms:
+    """One OC20 ``Data`` as ASE ``Atoms`` (the inverse of :func:`atoms_to_data`), e.g. to relax it.
+
+    ``numbers`` from ``atomic_numbers``; positions from the field ``positions`` (``"pos"`` or
+    ``"pos_relaxed"``); ``cell`` and ``pbc`` from the fields of those names (no ``pbc`` field:
+    OC20's slab convention ``(True, True, False)``); OC20 ``tags`` as ASE tags; a ``FixAtoms``
+    constraint on the atoms with ``fixed`` nonzero. When the structure carries S2EF targets for
+    ``pos`` (``y`` and/or ``force``) they are attached as a ``SinglePointCalculator``, so
+    ``atoms.get_potential_energy()`` / ``get_forces()`` return them (forces with the constraint
+    applied, as ASE does; ``get_forces(apply_constraint=False)`` gives the stored ones).
+
+    Raises:
+        KeyError: ``positions`` names a field the structure does not have.
+    """
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.constraints import FixAtoms
+
+    fields = data.to_dict()
+    if positions not in fields:
+        raise KeyError(f"data_to_atoms: the structure has no field {positions!r}")
+    pbc = fields.get("pbc")
+    atoms = Atoms(
+        numbers=np.rint(np.asarray(fields["atomic_numbers"], dtype=np.float64)).astype(np.int64),
+        positions=np.asarray(fields[positions], dtype=np.float64),
+        cell=np.asarray(fields["cell"], dtype=np.float64).reshape(3, 3),
+        pbc=np.asarray(pbc, dtype=bool).reshape(3) if pbc is not None else (True, True, False),
+        tags=np.asarray(fields["tags"], dtype=np.int64),
+    )
+    fixed = np.flatnonzero(np.asarray(fields["fixed"]) != 0)
+    if len(fixed):
+        atoms.set_constraint(FixAtoms(indices=fixed))
+    if positions == "pos" and ("y" in fields or "force" in fields):
+        results: dict[str, Any] = {}
+        if "y" in fields:
+            results["energy"] = float(fields["y"])
+        if "force" in fields:
+            results["forces"] = np.asarray(fields["force"], dtype=np.float64)
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms

@@ -13,7 +13,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from torch_geometric.data import Data
 
-from flt_mol.data.oc20 import OC20FormatError, OC20LMDB, atoms_to_data, write_lmdb
+from flt_mol.data.oc20 import OC20FormatError, OC20LMDB, atoms_to_data, data_to_atoms, write_lmdb
 
 
 @pytest.fixture(autouse=True)
@@ -223,6 +223,15 @@ INVALID = {
     ),
     "string natoms": ("natoms", _mutate("natoms", "7")),
     "float sid": ("sid", _mutate("sid", 1.5)),
+    # S2EF fields
+    "force one atom short": ("force", _mutate("force", lambda d: torch.zeros(d.pos.shape[0] - 1, 3))),
+    "force [N, 2]": ("force", _mutate("force", lambda d: torch.zeros(d.pos.shape[0], 2))),
+    "nan force": ("force", _mutate("force", lambda d: torch.zeros(d.pos.shape[0], 3).index_fill(
+        0, torch.tensor([1]), float("nan")))),
+    "inf force": ("force", _mutate("force", lambda d: torch.full((d.pos.shape[0], 3), float("inf")))),
+    "nan energy y": ("'y'", _mutate("y", float("nan"))),
+    "vector energy y": ("'y'", _mutate("y", torch.zeros(2))),
+    "float fid": ("fid", _mutate("fid", 2.5)),
 }
 
 
@@ -385,3 +394,79 @@ def test_oc20_tags_from_ase_layers():
     ase_tags = atoms.get_tags()
     assert tags.tolist() == [2 if t == 0 else 1 if t == 1 else 0 for t in ase_tags]
     assert (tags == 2).sum() == 1 and (tags == 1).sum() == 4
+
+
+# --------------------------------------------------------------------------------------------
+# S2EF entries: y, force, fid
+
+
+def make_s2ef(i: int) -> Data:
+    atoms = make_atoms(i)
+    force = np.random.default_rng(70 + i).normal(size=(len(atoms), 3))  # float64, as ASE returns
+    return atoms_to_data(atoms, sid=100 + i, y=-3.25 * i, force=force, fid=7 * i)
+
+
+def test_s2ef_round_trip(tmp_path):
+    items = [make_s2ef(i) for i in range(3)]
+    path = tmp_path / "s2ef.lmdb"
+    assert write_lmdb(items, path) == 3
+    ds = OC20LMDB(path)
+    for i, ref in enumerate(items):
+        got = ds[i]
+        n = got.natoms
+        assert got.force.dtype == torch.float32 and got.force.shape == (n, 3)
+        assert torch.equal(got.force, ref.force)
+        np.testing.assert_allclose(got.force.numpy(), np.random.default_rng(70 + i).normal(size=(n, 3)), atol=1e-6)
+        assert isinstance(got.y, float) and got.y == -3.25 * i
+        assert isinstance(got.fid, int) and got.fid == 7 * i
+        assert sorted(got.keys()) == sorted(ref.keys())
+        assert "y_relaxed" not in got.keys() and "pos_relaxed" not in got.keys()
+
+
+def test_s2ef_entries_as_fairchem_writes_them(tmp_path):
+    """OC20's S2EF preprocessing stores y/fid as tensors or numpy scalars and force in float64
+    sometimes: read, normalised to float / int / float32 [N, 3]."""
+    d = make_s2ef(1)
+    d.y = torch.tensor([-1.5], dtype=torch.float64)
+    d.fid = torch.tensor(4)
+    d.sid = np.int64(12)
+    d.force = d.force.double()
+    path = tmp_path / "fc.lmdb"
+    write_raw(path, [pickle.dumps(d)], length=1)
+    got = OC20LMDB(path)[0]
+    assert got.y == -1.5 and type(got.y) is float
+    assert got.fid == 4 and type(got.fid) is int and got.sid == 12
+    assert got.force.dtype == torch.float32 and got.force.shape == (got.natoms, 3)
+
+
+def test_atoms_to_data_checks_force_shape():
+    atoms = make_atoms(0)
+    with pytest.raises(ValueError, match="force"):
+        atoms_to_data(atoms, force=np.zeros((len(atoms), 2)))
+
+
+def test_data_to_atoms_inverts_atoms_to_data(tmp_path):
+    d = make_s2ef(2)
+    write_lmdb([d], tmp_path / "x.lmdb")
+    got = OC20LMDB(tmp_path / "x.lmdb")[0]
+    atoms = data_to_atoms(got)
+    np.testing.assert_allclose(atoms.positions, got.pos.numpy(), atol=0)
+    np.testing.assert_array_equal(atoms.numbers, got.atomic_numbers.numpy())
+    np.testing.assert_array_equal(atoms.get_tags(), got.tags.numpy())
+    assert list(atoms.pbc) == list(got.pbc.reshape(3).tolist())
+    fixed = np.flatnonzero(got.fixed.numpy())
+    assert len(fixed) and list(atoms.constraints[0].index) == list(fixed)
+    assert atoms.get_potential_energy() == got.y
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), got.force.numpy(), atol=0)
+    assert np.all(atoms.get_forces()[fixed] == 0)  # ASE applies FixAtoms to forces
+    back = atoms_to_data(atoms, y=got.y, force=atoms.get_forces(apply_constraint=False), fid=got.fid, sid=got.sid)
+    for key in ("pos", "cell", "atomic_numbers", "tags", "fixed", "force", "pbc"):
+        assert torch.equal(back[key], got[key]), key
+    # relaxed positions, no pbc field (slab convention), no calculator
+    d = make_data(1)
+    del d.pbc
+    relaxed = data_to_atoms(d, positions="pos_relaxed")
+    np.testing.assert_allclose(relaxed.positions, d.pos_relaxed.numpy(), atol=0)
+    assert list(relaxed.pbc) == [True, True, False] and relaxed.calc is None
+    with pytest.raises(KeyError, match="force"):
+        data_to_atoms(d, positions="force_x")

@@ -137,3 +137,79 @@ def test_fit_on_oc20_lmdb_equals_fit_on_list(tmp_path):
     assert a.mean == pytest.approx(b.mean, abs=1e-12)
     assert a.per_adsorbate == pytest.approx(b.per_adsorbate, abs=1e-12)
     np.testing.assert_allclose(fit_element_references(ds).coef, b.references.coef, atol=1e-9)
+
+
+def _site(d: Data, facet: int, site: int) -> Data:
+    d.facet, d.site_type = facet, site
+    return d
+
+
+def test_per_adsorbate_facet_site_mean_by_hand_and_fallbacks():
+    train = [
+        _site(_system([29] * 4, [8], -4.0, 0), 0, 2), _site(_system([29] * 4, [8], -5.0, 1), 0, 2),
+        _site(_system([29] * 4, [8], -3.0, 2), 1, 0), _site(_system([78] * 4, [1], -2.0, 3), 0, 0),
+    ]
+    tb = TrivialBaselines.fit(train)
+    assert tb.per_site == pytest.approx({"O1|facet=0|site=2": -4.5, "O1|facet=1|site=0": -3.0,
+                                         "H1|facet=0|site=0": -2.0})
+    test = [
+        _site(_system([29] * 4, [8], -4.0, 4), 0, 2),   # seen key -> -4.5
+        _site(_system([29] * 4, [8], -4.0, 5), 2, 1),   # unseen key, seen adsorbate -> O1 mean -4.0
+        _site(_system([29] * 4, [8, 8], -1.0, 6), 0, 2),  # unseen adsorbate -> train mean -3.5
+    ]
+    pred = tb.predict(test)
+    np.testing.assert_allclose(pred["per_adsorbate_facet_site_mean"], [-4.5, -4.0, -3.5])
+    maes = tb.evaluate(test)
+    assert maes["per_adsorbate_facet_site_mean"] == pytest.approx((0.5 + 0.0 + 2.5) / 3)
+    back = TrivialBaselines.from_dict(tb.to_dict())
+    assert back.evaluate(test) == pytest.approx(maes)
+
+
+def test_site_baseline_needs_facet_and_site_fields():
+    plain = [_system([29] * 4, [8], -4.0, 0), _system([78] * 4, [1], -2.0, 1)]
+    tb = TrivialBaselines.fit(plain)
+    assert tb.per_site is None and "per_site" not in tb.to_dict()
+    assert "per_adsorbate_facet_site_mean" not in tb.evaluate(plain)
+    # A dict from before the per-site table existed loads; so does scoring items with the
+    # fields under a fit without them, and vice versa: the baseline is simply not reported.
+    old = {k: v for k, v in tb.to_dict().items()}
+    assert TrivialBaselines.from_dict(old).per_site is None
+    with_fields = [_site(_system([29] * 4, [8], -4.0, 2), 0, 0)]
+    assert set(tb.evaluate(with_fields)) == {"train_mean", "per_adsorbate_mean", "composition_linear"}
+    fitted = TrivialBaselines.fit(with_fields)
+    assert "per_adsorbate_facet_site_mean" not in fitted.evaluate(plain)
+
+
+def test_s2ef_baselines_by_hand():
+    from flt_mol.data.references import S2EFBaselines
+
+    def frame(slab, ads, y, force, sid):
+        d = _system(slab, ads, 0.0, sid)
+        d.y = y
+        d.force = torch.tensor(force, dtype=torch.float32)
+        return d
+
+    # 2 slab atoms (first fixed: tags 0, 1) + 1 adsorbate atom per frame
+    f_a = [[9.0, 9.0, 9.0], [0.01, 0.0, -0.02], [0.0, 0.0, 0.0]]  # free components all < 0.03
+    f_b = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -2.0, 0.0]]
+    train = [frame([29, 29], [8], -1.0, f_a, 0), frame([29, 29], [8], -3.0, f_b, 1)]
+    fit = S2EFBaselines.fit(train)
+    assert fit.mean == pytest.approx(-2.0)
+    m = fit.evaluate(train)
+    assert set(m) == {"train_mean_zero_forces", "composition_linear_zero_forces"}
+    zero = m["train_mean_zero_forces"]
+    assert zero["energy_mae"] == pytest.approx(1.0)
+    # free atoms only (the 9 eV/A on the fixed atom is ignored): (0.01 + 0.02 + 1 + 2) / 12
+    assert zero["forces_mae"] == pytest.approx(3.03 / 12, rel=1e-6)
+    assert zero["forces_cos"] == 0.0
+    assert zero["energy_forces_within_threshold"] == 0.0  # energies are 1 eV off
+    # An exact energy with zero forces passes EFwT on the frame whose free forces are tiny.
+    exact = S2EFBaselines(mean=-1.0, references=fit.references)
+    assert exact.evaluate(train)["train_mean_zero_forces"]["energy_forces_within_threshold"] == 0.5
+    back = S2EFBaselines.from_dict(fit.to_dict())
+    again = back.evaluate(train)
+    for name in m:
+        assert again[name] == pytest.approx(m[name])
+    del train[1].force
+    with pytest.raises(ValueError, match="item 1 has no field 'force'"):
+        fit.evaluate(train)
