@@ -244,20 +244,37 @@ class PeriodicLattice:
         padding_mask: torch.Tensor | None = None,
         origin_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Coordinates ``u`` with ``r_frame = u @ basis``, measured from a canonical origin and wrapped
-        to ``[0, 1)`` on the periodic directions.
+        """Coordinates ``u`` with ``r_frame = u @ basis`` from a canonical origin, wrapped to ``[0, 1)``
+        on the periodic directions (the first output of :meth:`orient`). Shapes: ``[B, L, 3]`` fp64."""
+        return self.orient(pos, padding_mask, origin_weights)[0]
 
-        The origin makes ``u`` exactly invariant to translating the structure (as well as to
-        wrapping atoms): on a periodic direction it is the weighted circular mean of the atoms'
-        fractional coordinates, ``arg sum_i w_i exp(2 pi i u_ij) / 2 pi`` (invariant to wrapping,
-        shifts with a translation); on the others the weighted mean. Phase differences (the
-        mask) never depend on it; FAVOR+ features of ``[n1, q]`` do, so this is what makes the
-        periodic FLT attention translation invariant for one feature draw. It is ill-conditioned
-        only where the weighted first harmonic nearly vanishes (a clean n x n supercell with
-        uniform weights): weight a few distinguished atoms (the adsorbate) to avoid that.
+    def orient(
+        self,
+        pos: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canonical coordinates of a structure: ``(u [B, L, 3] fp64, frame [B, 3, 3] fp64)``.
+
+        ``u`` is measured from a canonical origin, which makes it exactly invariant to translating
+        the structure as well as to wrapping atoms: on a periodic direction the origin is the
+        weighted circular mean of the fractional coordinates, ``arg sum_i w_i exp(2 pi i u_ij) / 2 pi``
+        (invariant to wrapping, shifts with a translation); on the others the weighted mean. Phase
+        differences (the mask) never depend on it; FAVOR+ features of ``[n1, q]`` do, so this is
+        what makes the periodic FLT attention translation invariant for one feature draw. It is
+        ill-conditioned only where the weighted first harmonic nearly vanishes (a clean n x n
+        supercell with uniform weights): weight a few distinguished atoms (the adsorbate).
+
+        On slabs the reduced plane basis is fixed only up to ``(a, b) -> (-a, -b)`` (a rotation by pi
+        about the normal), which turns the in-plane ``u`` into ``-u``. The sign is chosen from the
+        structure: an odd function of the centred coordinates (a fixed random combination of
+        ``sum_i sin(2 pi m . u_i)`` over small ``m``) must be positive. Both bases then give the
+        same features, not only the same mask; a structure symmetric under that rotation looks
+        the same either way (atoms are told apart by position only). ``frame`` is the cell frame with ``e1, e2`` negated where the sign
+        was flipped: frequencies ``k`` (frame coordinates) map to ``k @ frame^T`` in the input's.
 
         Shapes: ``pos [B, L, 3]``, ``padding_mask [B, L]`` (True = pad), ``origin_weights [B, L]``
-        (default 1 on real atoms) -> ``[B, L, 3]`` fp64.
+        (default 1 on real atoms).
         """
         if pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[0] != self.num_structures:
             raise ValueError(f"pos must be [B, L, 3] with B = {self.num_structures}, got {tuple(pos.shape)}")
@@ -265,17 +282,25 @@ class PeriodicLattice:
         # r = u L with L lower-triangular: solve u L = r, i.e. L^T u^T = r^T (upper-triangular).
         u = torch.linalg.solve_triangular(self.basis.transpose(1, 2), r.transpose(1, 2), upper=True).transpose(1, 2)
         periodic = torch.arange(3, device=pos.device)[None, :] < self.periodic_dims[:, None]  # [B, 3]
-        w = torch.ones(pos.shape[:2], dtype=u.dtype, device=u.device)
+        keep = torch.ones(pos.shape[:2], dtype=u.dtype, device=u.device)
         if padding_mask is not None:
-            w = w * (~padding_mask).to(u.dtype)
-        if origin_weights is not None:
-            w = w * origin_weights.to(u.dtype)
+            keep = keep * (~padding_mask).to(u.dtype)
+        w = keep * origin_weights.to(u.dtype) if origin_weights is not None else keep
         w = w[..., None]  # [B, L, 1]
         mean = (u * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-300)
         turn = 2.0 * math.pi * u
         circ = torch.atan2((w * torch.sin(turn)).sum(1, keepdim=True), (w * torch.cos(turn)).sum(1, keepdim=True))
         centred = u - torch.where(periodic[:, None, :], circ / (2.0 * math.pi), mean)
-        return torch.where(periodic[:, None, :], centred - torch.floor(centred), centred)
+        u = torch.where(periodic[:, None, :], centred - torch.floor(centred), centred)
+        harmonics, lengths, coef = _odd_probe(u.device)
+        zs = 2.0 * math.pi * u[..., 2:3] / lengths  # [B, L, Z]: heights (slabs: centred, in A)
+        heights = torch.cat([keep[..., None], keep[..., None] * torch.cos(zs), keep[..., None] * torch.sin(zs)], -1)
+        odd = torch.einsum("blm,blz,mz->b", torch.sin(2.0 * math.pi * (u[..., :2] @ harmonics.T)), heights, coef)
+        flip = (self.periodic_dims == 2) & (odd < 0)  # [B]
+        u = torch.where(flip[:, None, None] & periodic[:, None, :], torch.remainder(-u, 1.0), u)
+        sign = torch.ones(pos.shape[0], 3, dtype=u.dtype, device=u.device)
+        sign[:, :2] = torch.where(flip, -1.0, 1.0)[:, None]
+        return u, self.frame * sign[:, None, :]
 
     def images(self, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Lattice translations ``n @ basis`` with ``|n_j| <= ceil(cutoff |b*_j|)``, for every structure.
@@ -284,6 +309,24 @@ class PeriodicLattice:
         fewer periodic directions get zero shifts marked invalid beyond ``n = 0``.
         """
         return lattice_images(self.basis, self.periodic_dims, cutoff)
+
+
+_ODD_PROBE: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _odd_probe(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The odd function that fixes the sign of a slab's plane basis (see ``PeriodicLattice.orient``):
+    ``sum_i sum_{m, z} c_mz h_z(height_i) sin(2 pi m . u_i)`` with in-plane harmonics ``m`` (half-plane
+    of ``max |m_j| <= 3``), height features ``h = [1, cos(2 pi z / l), sin(2 pi z / l)]`` (so that
+    layers stacked ABC, whose projection is centrosymmetric, still count) and fixed random
+    coefficients. Returns ``(m [M, 2], l [Z'], c [M, 1 + 2 Z'])``."""
+    if device not in _ODD_PROBE:
+        ms = [(i, j) for i in range(0, 4) for j in range(-3, 4) if i > 0 or j > 0]
+        lengths = torch.tensor([3.1, 5.3, 8.9], dtype=torch.float64)
+        g = torch.Generator().manual_seed(20261203)
+        coef = torch.randn(len(ms), 1 + 2 * len(lengths), generator=g, dtype=torch.float64)
+        _ODD_PROBE[device] = (torch.tensor(ms, dtype=torch.float64, device=device), lengths.to(device), coef.to(device))
+    return _ODD_PROBE[device]
 
 
 def _input_cell_frame(cell: torch.Tensor) -> torch.Tensor:

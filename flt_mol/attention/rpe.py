@@ -121,6 +121,8 @@ class PeriodicDraw:
         zero: ``[B, H, F]`` bool, the ``k = 0`` samples of 3D-periodic structures (weight 0).
         phase: ``[B, H, L, F]`` angles ``2 pi q . u`` (wrapped fractional coordinates).
         lattice: the :class:`~flt_mol.attention.periodic.PeriodicLattice` it was drawn on.
+        frame: ``[B, 3, 3]`` fp64, the frame the phases are measured in (the lattice's, with the
+            in-plane sign the structure chose on slabs): ``k @ frame^T`` is ``k`` in input coordinates.
     """
 
     q: torch.Tensor
@@ -129,6 +131,7 @@ class PeriodicDraw:
     zero: torch.Tensor
     phase: torch.Tensor
     lattice: PeriodicLattice
+    frame: torch.Tensor
 
 
 def irwin_hall_pdf(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -426,13 +429,13 @@ class SpectralRPE(nn.Module):
         q, k = snap_frequencies(xi_b, lattice.basis, P)
         log_p = periodic_mixture_log_density(k, sigma, lattice.basis, P)
         zero = (P == 3)[:, None, None] & (q == 0).all(-1)
-        u = lattice.fractional(pos, padding_mask, origin_weights)  # [B, L, 3] fp64
+        u, frame = lattice.orient(pos, padding_mask, origin_weights)  # [B, L, 3], [B, 3, 3] fp64
         dtype = torch.promote_types(pos.dtype, torch.float32)
         # q . u in fp64, reduced mod 1 before the cast: fp32 phases then err by ~4e-7 rad
         # whatever the size of q . u (DESIGN §7).
         turns = torch.einsum("bli,bhfi->bhlf", u, q)
         phase = (2.0 * math.pi) * torch.remainder(turns, 1.0).to(dtype)
-        return PeriodicDraw(q=q, k=k, log_p=log_p, zero=zero, phase=phase, lattice=lattice)
+        return PeriodicDraw(q=q, k=k, log_p=log_p, zero=zero, phase=phase, lattice=lattice, frame=frame)
 
     def periodic_weights(self, draw: PeriodicDraw, moment: int = 0) -> torch.Tensor:
         """Importance weights ``a = ghat(k) / (V_P p(q))`` (``moment=2``: ``sum_t s_t^2 ghat_t``), 0 at ``k = 0``.

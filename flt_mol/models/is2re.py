@@ -460,7 +460,7 @@ class IS2REModel(nn.Module):
                 displacement = periodic_displacement_exact(rpe, pos, lattice, query=q, key=k, padding_mask=pad)
             else:
                 # Frequencies in the input's coordinates: k_lab = k_frame @ F^T.
-                k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, lattice.frame)
+                k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, draw.frame)
                 displacement = periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab,
                                                      query=q, key=k, padding_mask=pad).to(pos.dtype)
         return {"energy": energy, "displacement": displacement}

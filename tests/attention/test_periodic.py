@@ -260,17 +260,29 @@ def test_one_draw_is_invariant(dtype, tol):
     close(got[..., perm.argsort(), :][..., perm.argsort()], "permutation")
 
 
-def test_without_antithetic_pairs_a_slab_draw_sees_the_basis_sign():
-    """Control for the test above: with an odd number of frequencies the last one is unpaired and
-    (a, b) -> (-a, -b) changes the draw, so the invariance really comes from the pairing."""
+def test_slab_basis_sign_is_chosen_by_the_structure():
+    """(a, b) -> (-a, -b) leaves the features themselves unchanged (FAVOR+ sees features, not only
+    the mask): the structure's odd probe picks the in-plane sign. A centrosymmetric arrangement
+    (the probe is 0) gives the same features either way."""
     cell, pbc = _batch()
     cell, pbc = cell[1:2], pbc[1:2]
     rpe = _rpe()
-    noise = rpe.draw_noise(1)
+    noise = rpe.draw_noise(7)  # odd: the last frequency has no antithetic partner
     pos = torch.randn(1, 6, 3, dtype=D64) * 3
     flip = cell.clone()
     flip[0, :2] = -cell[0, :2]
-    assert float((_mask(rpe, pos, flip, pbc, noise) - _mask(rpe, pos, cell, pbc, noise)).abs().max()) > 1e-6
+    with torch.no_grad():
+        a, _ = rpe.features(pos, 7, noise=noise, cell=cell, pbc=pbc)
+        b, _ = rpe.features(pos, 7, noise=noise, cell=flip, pbc=pbc)
+    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+    # and the chosen orientation is a real choice: the mirrored structure gets the other sign
+    lattice = PeriodicLattice.from_cell(cell, pbc)
+    _, frame = lattice.orient(pos)
+    centre = pos.mean(1, keepdim=True)
+    turned = 2 * centre - pos  # rotation by pi about the normal through the centre, z kept
+    turned[..., 2] = pos[..., 2]
+    _, frame2 = lattice.orient(turned)
+    assert float((frame[..., :2] + frame2[..., :2]).abs().max()) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,9 +404,14 @@ def test_periodic_attention_is_wrap_rotation_and_cell_invariant(mode):
         new = cell.clone()
         new[1, 1] = cell[1, 1] + 2 * cell[1, 0]
         equivalent = attn(x, pos, pad, cell=new, pbc=pbc)
+        flipped_cell = cell.clone()
+        flipped_cell[1, :2] = -cell[1, :2]
+        flipped = attn(x, pos, pad, cell=flipped_cell, pbc=pbc)
+        translated = attn(x, pos + torch.tensor([0.7, -1.3, 2.1], dtype=D64), pad, cell=cell, pbc=pbc)
         plain = attn(x, pos, pad)
     keep = ~pad
-    for got, what in ((wrapped, "wrap"), (rotated, "rotation"), (equivalent, "equivalent cell")):
+    for got, what in ((wrapped, "wrap"), (rotated, "rotation"), (equivalent, "equivalent cell"),
+                      (flipped, "(a, b) -> (-a, -b)"), (translated, "translation")):
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-9, atol=1e-10, msg=what)
     assert float((plain - ref)[keep].abs().max()) > 1e-4  # the periodic call is a different function
 

@@ -123,7 +123,7 @@ def test_periodic_displacement_is_unbiased():
 
     def one():
         draw = rpe.periodic_draw(pos, rpe.draw_noise(8, g), lattice, padding_mask=pad)
-        k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, lattice.frame)
+        k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, draw.frame)
         return periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab, query=q, key=k,
                                      padding_mask=pad).detach()
 
