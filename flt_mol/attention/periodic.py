@@ -50,7 +50,7 @@ __all__ = [
     "gaussian_fourier_sum",
 ]
 
-_TIE = 1e-9  # relative tolerance of the reduction's comparisons (keeps fp noise from flip-flopping)
+_TIE = 1e-5  # relative tolerance of the reduction's comparisons: above fp32 rounding of stored cells (~1e-7)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def reduce_cell_2d(a: torch.Tensor, b: torch.Tensor, normal: torch.Tensor) -> tu
     b = torch.where(flip[:, None], -b, b)
     # At the rounding tie a.b = -|a|^2/2 (hexagonal lattices among others) b and b + a are equally
     # short: take the acute one, so that (a, b) and (a, b + a) reduce to the same basis.
-    obtuse_tie = _dot(a, b) < -0.5 * _dot(a, a) * (1.0 - 1e-6)
+    obtuse_tie = _dot(a, b) < -0.5 * _dot(a, a) * (1.0 - _TIE)
     b = torch.where(obtuse_tie[:, None], b + a, b)
     return a, b
 
