@@ -15,47 +15,8 @@ import pytest
 import yaml
 
 from flt_mol.cli import main
+from flt_mol.train.representation import predict_structures, representations
 from tests.train.helpers import make_items
-
-
-def _variants(atoms, rng):
-    from ase.geometry import wrap_positions
-
-    cell = np.asarray(atoms.get_cell())
-    tags = atoms.get_tags()
-    out = {}
-    a = atoms.copy()
-    a.positions[np.flatnonzero(tags == 2)] += cell[0]
-    out["adsorbate +a"] = a
-    a = atoms.copy()
-    a.positions[np.flatnonzero(tags < 2)[0]] -= cell[1]
-    out["slab atom -b"] = a
-    a = atoms.copy()
-    shift = rng.random(2) @ cell[:2]
-    a.positions = wrap_positions(a.positions + shift, cell, pbc=[True, True, False])
-    out["shift and wrap"] = a
-    a = atoms.copy()
-    a.rotate(rng.random() * 360, v=rng.normal(size=3), rotate_cell=True)
-    out["rotation"] = a
-    a = atoms[rng.permutation(len(atoms))]
-    out["permutation"] = a
-    a = atoms.copy()
-    a.set_cell([cell[0], cell[1] + cell[0], cell[2]], scale_atoms=False)
-    out["cell (a, b + a)"] = a
-    a = atoms.copy()
-    a.set_cell([-cell[0], -cell[1], cell[2]], scale_atoms=False)
-    out["cell -(a, b)"] = a
-    return out
-
-
-def _predict(checkpoint, structures, folder, name):
-    from ase.io import write
-
-    xyz, lmdb, npz = folder / f"{name}.extxyz", folder / f"{name}.lmdb", folder / f"{name}.npz"
-    write(xyz, structures, format="extxyz")
-    assert main(["convert", str(xyz), str(lmdb)]) == 0
-    assert main(["predict", str(checkpoint), "--data", str(lmdb), "--out", str(npz)]) == 0
-    return np.load(npz)["energy"]
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +40,21 @@ def _train(tiny_data, folder, periodic: str):
 
 def test_reciprocal_predictions_are_invariant_to_the_representation(tiny_data, structures, tmp_path):
     ckpt = _train(tiny_data, tmp_path, "reciprocal")
-    ref = _predict(ckpt, structures, tmp_path, "ref")
+    ref = predict_structures(ckpt, structures, tmp_path, "ref")
     assert np.all(np.isfinite(ref)) and np.ptp(ref) > 0
     rng = np.random.default_rng(0)
-    variants = [_variants(s, rng) for s in structures]
+    variants = [representations(s, rng) for s in structures]
+    assert len(variants[0]) == 7
     for what in variants[0]:
-        got = _predict(ckpt, [v[what] for v in variants], tmp_path, what.replace(" ", "_").replace("(", "").replace(")", "").replace(",", ""))
+        got = predict_structures(ckpt, [v[what] for v in variants], tmp_path, what)
         assert np.abs(got - ref).max() < 1e-4, (what, np.abs(got - ref).max())
 
 
 def test_image_token_model_is_not_invariant(tiny_data, structures, tmp_path):
     """Control: the same check fails for the image-token model (a function of the unit cell)."""
     ckpt = _train(tiny_data, tmp_path, "images")
-    ref = _predict(ckpt, structures, tmp_path, "ref")
+    ref = predict_structures(ckpt, structures, tmp_path, "ref")
     rng = np.random.default_rng(0)
-    moved = [_variants(s, rng)["adsorbate +a"] for s in structures]
-    got = _predict(ckpt, moved, tmp_path, "moved")
+    moved = [representations(s, rng)["adsorbate +a"] for s in structures]
+    got = predict_structures(ckpt, moved, tmp_path, "moved")
     assert np.abs(got - ref).max() > 1e-3
