@@ -2,6 +2,7 @@
 # The runs behind the README's result tables, one section per table (after scripts/setup.sh):
 #
 #   bash scripts/experiments.sh is2re       # FLT / Performer / exact on EMT-IS2RE (~10 min each)
+#   bash scripts/experiments.sh periodic    # images vs reciprocal (DESIGN §7), 3 seeds each (~7 min per run idle)
 #   bash scripts/experiments.sh crossover   # IS2RE s/step vs tokens, the three attentions
 #   bash scripts/experiments.sh lm          # the seven LM recipes (log-linear: ~30 min alone)
 #   bash scripts/experiments.sh vit         # the three ViT recipes
@@ -18,8 +19,26 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FLT=.venv/bin/flt-mol
 PY=.venv/bin/python
 
-section=${1:?usage: scripts/experiments.sh is2re|crossover|lm|vit|bench|viz|optim|optim-long}
+section=${1:?usage: scripts/experiments.sh is2re|periodic|crossover|lm|vit|bench|viz|optim|optim-long}
 case "$section" in
+  periodic)
+    # The FLT recipe with image tokens against the exactly periodic reciprocal-lattice RPE, seeds
+    # 0-2, then the representation check (same crystal, other representation) through
+    # convert / predict on 200 val_id structures, and the periodic RPE error (Thm 4.2).
+    for seed in 0 1 2; do
+      for mode in images reciprocal; do
+        out=runs/periodic/${mode}_s$seed
+        extra=(model.periodic=$mode data.periodic_images=$([ $mode = images ] && echo true || echo false))
+        [ -f "$out/metrics.json" ] || "$FLT" train recipes/emt_is2re_flt.yaml --out "$out" run.seed=$seed "${extra[@]}"
+      done
+    done
+    for mode in images reciprocal; do
+      "$PY" -m flt_mol.train.representation runs/periodic/${mode}_s0/checkpoint.pt --max-items 200 \
+        --out runs/periodic/representation_$mode.json
+    done
+    "$FLT" bench rpe --lengths 128 512 --families gaussian_basis_mixture gaussian_basis_slab gaussian_basis_periodic \
+      --out runs/bench/rpe_periodic.json --plot runs/bench/rpe_periodic.png
+    ;;
   is2re)
     for m in flt performer exact; do
       out=runs/emt_is2re_$m
