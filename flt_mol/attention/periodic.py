@@ -39,6 +39,7 @@ import torch
 
 __all__ = [
     "PeriodicLattice",
+    "cell_frame",
     "reduce_cell_2d",
     "reduce_cell_3d",
     "periodic_dims_from_pbc",
@@ -222,7 +223,7 @@ class PeriodicLattice:
         e2 = torch.linalg.cross(e3, e1)
         frame = torch.stack([e1, e2, e3], dim=-1)  # columns
         # Molecules: the frame of the input cell where it has one (rotation invariance per draw).
-        frame0 = _input_cell_frame(cell)
+        frame0 = cell_frame(cell)
         frame = torch.where((P == 0)[:, None, None], frame0, frame)
 
         eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand(B, 3, 3)
@@ -329,18 +330,28 @@ def _odd_probe(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.
     return _ODD_PROBE[device]
 
 
-def _input_cell_frame(cell: torch.Tensor) -> torch.Tensor:
-    """Frame of the unreduced input cell (identity where ``a`` or ``a x b`` is degenerate)."""
-    a, b = cell[:, 0], cell[:, 1]
+def cell_frame(cell: torch.Tensor) -> torch.Tensor:
+    """Right-handed orthonormal frame of each cell, as columns ``[e1, e2, e3]``.
+
+    ``e1 = a/|a|``, ``e3 = (a x b)/|a x b|`` (the slab normal for OC20 cells, periodic in the
+    a-b plane), ``e2 = e3 x e1``, with ``a``, ``b`` the first two lattice vectors (rows of the
+    cell). Rotating a structure with its cell, ``r -> R r`` and ``cell -> cell R^T``, turns the
+    frame into ``R F``, so the local coordinates ``r @ F`` do not change: every quantity computed
+    from them (random features included) is exactly rotation invariant. Cells with a degenerate
+    ``a`` or ``a x b`` (no cell, or a non-periodic placeholder) get the identity frame.
+
+    Shapes: ``cell [B, 3, 3]`` -> ``[B, 3, 3]``.
+    """
+    a, b = cell[:, 0].double(), cell[:, 1].double()
     cross = torch.linalg.cross(a, b)
     na, nc = a.norm(dim=-1, keepdim=True), cross.norm(dim=-1, keepdim=True)
     ok = (na[:, 0] > 1e-6) & (nc[:, 0] > 1e-6 * na[:, 0].clamp_min(1e-6) ** 2)
     e1 = a / na.clamp_min(1e-12)
     e3 = cross / nc.clamp_min(1e-12)
     e2 = torch.linalg.cross(e3, e1)
-    frame = torch.stack([e1, e2, e3], dim=-1)
+    frame = torch.stack([e1, e2, e3], dim=-1)  # columns
     eye = torch.eye(3, dtype=frame.dtype, device=frame.device).expand_as(frame)
-    return torch.where(ok[:, None, None], frame, eye)
+    return torch.where(ok[:, None, None], frame, eye).to(cell.dtype)
 
 
 def lattice_images(basis: torch.Tensor, periodic_dims: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flt_mol.attention.periodic import cell_frame
 from flt_mol.models.blocks import TransformerBlock
 
 __all__ = [
@@ -118,30 +119,6 @@ class IS2REModelConfig:
 # --------------------------------------------------------------------------------------------
 # Pure functions (linear form beside its O(L^2) reference)
 # --------------------------------------------------------------------------------------------
-
-
-def cell_frame(cell: torch.Tensor) -> torch.Tensor:
-    """Right-handed orthonormal frame of each cell, as columns ``[e1, e2, e3]``.
-
-    ``e1 = a/|a|``, ``e3 = (a x b)/|a x b|`` (the slab normal for OC20 cells, periodic in the
-    a-b plane), ``e2 = e3 x e1``, with ``a``, ``b`` the first two lattice vectors (rows of the
-    cell). Rotating a structure with its cell, ``r -> R r`` and ``cell -> cell R^T``, turns the
-    frame into ``R F``, so the local coordinates ``r @ F`` do not change: every quantity computed
-    from them (random features included) is exactly rotation invariant. Cells with a degenerate
-    ``a`` or ``a x b`` (no cell, or a non-periodic placeholder) get the identity frame.
-
-    Shapes: ``cell [B, 3, 3]`` -> ``[B, 3, 3]``.
-    """
-    a, b = cell[:, 0].double(), cell[:, 1].double()
-    cross = torch.linalg.cross(a, b)
-    na, nc = a.norm(dim=-1, keepdim=True), cross.norm(dim=-1, keepdim=True)
-    ok = (na[:, 0] > 1e-6) & (nc[:, 0] > 1e-6 * na[:, 0].clamp_min(1e-6) ** 2)
-    e1 = a / na.clamp_min(1e-12)
-    e3 = cross / nc.clamp_min(1e-12)
-    e2 = torch.linalg.cross(e3, e1)
-    frame = torch.stack([e1, e2, e3], dim=-1)  # columns
-    eye = torch.eye(3, dtype=frame.dtype, device=frame.device).expand_as(frame)
-    return torch.where(ok[:, None, None], frame, eye).to(cell.dtype)
 
 
 def gaussian_context(n1: torch.Tensor, n2: torch.Tensor, *, padding_mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from flt_mol.models.is2re import (
     periodic_displacement_exact,
 )
 from flt_mol.testing import assert_unbiased
+from tests.models.test_is2re import tiny as tiny_images
 from tests.train.helpers import make_items
 
 D64 = torch.float64
@@ -39,13 +40,8 @@ def items():
 
 
 def tiny(attention: str = "flt", **kw) -> IS2REModel:
-    cfg = dict(attention=attention, num_layers=1, embed_dim=16, ffn_dim=32, num_heads=2,
-               num_kernel_features=16, num_rpe_features=8, num_kernels=4, blocks=2,
-               attention_dropout=0.0, context_channels=4, context_features=8, periodic="reciprocal")
-    cfg.update(kw)
-    model = IS2REModel(IS2REModelConfig(**cfg)).eval()
-    torch.nn.init.normal_(model.disp_query.weight, std=0.5)  # a non-zero displacement head
-    return model.double()
+    """test_is2re's tiny model with the reciprocal-lattice geometry, in fp64."""
+    return tiny_images(attention, **{"context_features": 8, "periodic": "reciprocal", **kw}).double()
 
 
 def _double(batch):
