@@ -23,11 +23,17 @@ def test_recipes_load(name):
     assert isinstance(config.model, IS2REModelConfig)
 
 
-def test_emt_recipes_differ_only_in_attention():
+def test_emt_recipes_differ_only_in_attention_and_periodicity():
+    """performer / exact differ only in the attention; the FLT default also in the periodic
+    geometry (reciprocal-lattice RPE instead of image tokens), nothing else."""
     raws = {a: yaml.safe_load((RECIPES / f"emt_is2re_{a}.yaml").read_text()) for a in ("flt", "performer", "exact")}
     for a, raw in raws.items():
         assert raw["model"].pop("attention") == a
-    assert raws["flt"] == raws["performer"] == raws["exact"]
+    assert raws["performer"] == raws["exact"]
+    flt = raws["flt"]
+    assert flt["model"].pop("periodic") == "reciprocal" and flt["data"].pop("periodic_images") is False
+    assert raws["performer"]["data"].pop("periodic_images") is True and "periodic" not in raws["performer"]["model"]
+    assert flt == raws["performer"]
 
 
 def test_paper_recipes_match_the_paper():
