@@ -207,6 +207,19 @@ class FLTAttention(nn.Module):
     def _uses_rpe(self) -> bool:
         return self.rpe is not None and self.mode in ("flt", "exact")
 
+    def _exact_bias(self, pos: torch.Tensor | None) -> torch.Tensor | None:
+        """The exact mask ``[B or 1, H, L, L]`` of the exact mode (None without RPE).
+
+        Positions shared by the whole batch (an ``expand``-ed ``[1, L, l]``, stride 0 on the
+        batch, as the LM passes them) give one mask broadcast over the batch: the same values
+        for B times less mask work.
+        """
+        if not self._uses_rpe():
+            return None
+        if pos.shape[0] > 1 and pos.stride(0) == 0:
+            return self.rpe.exact_mask(pos[:1])
+        return self.rpe.exact_mask(pos)
+
     def _scaled_qkv(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``rows`` of the ``qkv`` weight and bias with the ``d^-1/4`` of Alg. 1 folded in.
 
@@ -286,7 +299,7 @@ class FLTAttention(nn.Module):
             out_dtype = v.dtype
             # The logits, mask and softmax run in fp32 even under bf16/fp16 autocast.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                bias = self.rpe.exact_mask(pos) if self._uses_rpe() else None
+                bias = self._exact_bias(pos)
                 out = softmax_attention(
                     q, k, _acc(v), bias=bias, causal=self.causal, padding_mask=padding_mask,
                     dropout=self.dropout, training=self.training, scale=1.0,
