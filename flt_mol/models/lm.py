@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from flt_mol.attention import FLTAttention, GaussianMixtureRPE, LocalRPE
-from flt_mol.attention.baselines import CosFormerAttention, LogLinearAttention
+from flt_mol.attention.baselines import LOGLINEAR_ALGORITHMS, CosFormerAttention, LogLinearAttention
 from flt_mol.models.blocks import TransformerBlock
 
 __all__ = ["LMConfig", "CausalLM", "ATTENTIONS", "RPES", "build_rpe_1d"]
@@ -55,6 +55,9 @@ class LMConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     abs_pos: bool | None = None  # null: on exactly for the variants without any positional signal
+    # log-linear Performer: fft | dense | auto (dense up to 256 tokens; the same function, see
+    # flt_mol.attention.baselines.LogLinearAttention)
+    loglinear_algorithm: str = "auto"
     vocab_size: int = 0
 
     def validate(self) -> None:
@@ -66,6 +69,10 @@ class LMConfig:
             raise ConfigError(f"model.rpe must be one of {RPES}, got {self.rpe!r}")
         if self.attention == "flt" and self.rpe == "none":
             raise ConfigError("model.attention=flt needs model.rpe=gaussian_mixture or local")
+        if self.loglinear_algorithm not in LOGLINEAR_ALGORITHMS:
+            raise ConfigError(
+                f"model.loglinear_algorithm must be one of {LOGLINEAR_ALGORITHMS}, got {self.loglinear_algorithm!r}"
+            )
         if self.dim % self.num_heads != 0:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
         for name in ("num_layers", "num_heads", "dim", "ffn_dim", "num_kernel_features", "num_rpe_features",
@@ -150,7 +157,7 @@ class CausalLM(nn.Module):
             return CosFormerAttention(c.dim, c.num_heads, causal=True, max_len=c.max_len)
         if c.attention == "loglinear":
             return LogLinearAttention(c.dim, c.num_heads, causal=True, max_len=c.max_len,
-                                      num_features=c.num_kernel_features)
+                                      num_features=c.num_kernel_features, algorithm=c.loglinear_algorithm)
         raise ValueError(f"unknown attention {c.attention!r}")
 
     def reset_parameters(self) -> None:
