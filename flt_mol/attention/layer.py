@@ -30,7 +30,7 @@ from flt_mol.attention.linear import (
     linear_attention,
     linear_attention_weights,
 )
-from flt_mol.attention.rpe import SpectralRPE
+from flt_mol.attention.rpe import RPE_SPLITS, SpectralRPE
 
 __all__ = ["FLTAttention", "MODES", "center_positions"]
 
@@ -89,7 +89,7 @@ class FLTAttention(nn.Module):
             normaliser keeps it), so the expected output matches the undropped one.
         chunk_size: chunk length of the causal linear attention.
         bias: bias of the projections.
-        rpe_split: ``"auto" | "balanced" | "one_sided"`` (see ``SpectralRPE.features``).
+        rpe_split: ``"auto" | "balanced" | "one_sided" | "signed_balanced"`` (see ``SpectralRPE.features``).
 
     Shapes:
         ``forward(x [B, L, D], pos [B, L, l] | None, padding_mask [B, L] | None) -> [B, L, D]``;
@@ -132,8 +132,8 @@ class FLTAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if rpe_split not in ("auto", "balanced", "one_sided"):
-            raise ValueError(f"rpe_split must be auto, balanced or one_sided, got {rpe_split!r}")
+        if rpe_split not in RPE_SPLITS:
+            raise ValueError(f"rpe_split must be one of {RPE_SPLITS}, got {rpe_split!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads

@@ -8,6 +8,9 @@ random features (DESIGN.md §2): draw ``xi_1..xi_r ~ p``, ``a_k = g(xi_k)/p(xi_k
 * one-sided (any sign of ``a``): ``n1_i = [a_k cos t_ik, a_k sin t_ik]_k / sqrt(r)``,
   ``n2_j = [cos t_jk, sin t_jk]_k / sqrt(r)``;
 * balanced (``a >= 0``): ``sqrt(a_k)`` on both sides,
+* signed balanced (any sign): ``sqrt(|a_k|)`` on both sides and ``sign(a_k)`` on the query side;
+  ``|n1|^2 + |n2|^2 = 2 mean|a|`` against the one-sided ``mean(a^2) + 1`` (never larger, since
+  ``2|a| <= a^2 + 1``), which is what FAVOR+'s variance grows with (DESIGN.md §2(c)),
 
 so ``n1_i . n2_j = (1/r) sum_k a_k cos(2 pi (r_i - r_j).xi_k)`` with expectation ``Re f(r_i - r_j)``.
 
@@ -42,6 +45,9 @@ __all__ = [
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
+#: How ``a = g/p`` is split between the query and key features (see ``SpectralRPE.features``).
+RPE_SPLITS = ("auto", "balanced", "one_sided", "signed_balanced")
+
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """Promote to at least fp32 (fp64 stays fp64)."""
@@ -61,8 +67,13 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+#: ``|a| + eps`` under the square root of the signed balanced split: ``n1 . n2`` stays exactly
+#: ``a`` (unbiased) while the gradient of ``a / sqrt(|a| + eps)`` stays below ``eps^-1/2`` at a = 0.
+_SIGNED_SPLIT_EPS = 1e-4
+
+
 def rpe_features(
-    pos: torch.Tensor, xi: torch.Tensor, a: torch.Tensor, *, balanced: bool
+    pos: torch.Tensor, xi: torch.Tensor, a: torch.Tensor, *, balanced: bool, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real random Fourier features of an RPE mask (the pure function behind ``features``).
 
@@ -71,6 +82,8 @@ def rpe_features(
         xi: frequencies ``[H, F, l]``.
         a: importance weights ``g(xi)/p(xi)``, ``[H, F]``; must be ``>= 0`` when ``balanced``.
         balanced: put ``sqrt(a)`` on both sides (else ``a`` on the query side only).
+        signed: with ``balanced``, allow any sign: ``a / sqrt(|a| + eps)`` on the query side,
+            ``sqrt(|a| + eps)`` on the key side (their product is ``a``).
 
     Shapes: returns ``(n1, n2)``, each ``[B, H, L, 2F]`` in fp32.
     """
@@ -79,6 +92,11 @@ def rpe_features(
     ang = (2.0 * math.pi) * torch.einsum("bli,hfi->bhlf", pos.to(dtype), xi.to(dtype))
     cos, sin = torch.cos(ang), torch.sin(ang)
     scale = 1.0 / math.sqrt(num_features)
+    if balanced and signed:
+        root = torch.sqrt(a.to(dtype).abs() + _SIGNED_SPLIT_EPS)
+        s1 = (a.to(dtype) / root * scale)[None, :, None, :]
+        s2 = (root * scale)[None, :, None, :]
+        return torch.cat([cos * s1, sin * s1], dim=-1), torch.cat([cos * s2, sin * s2], dim=-1)
     if balanced:
         s = (torch.sqrt(a.to(dtype).clamp_min(0.0)) * scale)[None, :, None, :]
         n1 = torch.cat([cos * s, sin * s], dim=-1)
@@ -203,15 +221,15 @@ class SpectralRPE(nn.Module):
             noise: fixed base noise from :meth:`draw_noise` (``[H, F, noise_width]``); fresh
                 noise is drawn when None.
             split: ``"auto"`` (balanced when ``a >= 0`` is guaranteed, else one-sided),
-                ``"balanced"`` or ``"one_sided"``.
+                ``"balanced"``, ``"one_sided"`` or ``"signed_balanced"`` (any sign of ``a``).
 
         Shapes: returns two ``[B, H, L, 2F]`` fp32 tensors.
         """
         self.check_positions(pos)
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if split not in ("auto", "balanced", "one_sided"):
-            raise ValueError(f"split must be auto, balanced or one_sided, got {split!r}")
+        if split not in RPE_SPLITS:
+            raise ValueError(f"split must be one of {RPE_SPLITS}, got {split!r}")
         if split == "balanced" and not self.nonnegative_spectrum:
             raise ValueError(
                 f"split='balanced' needs a nonnegative spectrum; {type(self).__name__} is signed here"
@@ -221,6 +239,8 @@ class SpectralRPE(nn.Module):
         else:
             self._check_noise(noise, num_features)
         xi, a = self.sample(noise)
+        if split == "signed_balanced":
+            return rpe_features(pos, xi, a, balanced=True, signed=True)
         balanced = split == "balanced" or (split == "auto" and self.nonnegative_spectrum)
         return rpe_features(pos, xi, a, balanced=balanced)
 
