@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flt_mol.attention import FLTAttention, GaussianMixtureRPE, LocalRPE
+from flt_mol.attention.rpe import RPE_SPLITS
 from flt_mol.attention.baselines import LOGLINEAR_ALGORITHMS, CosFormerAttention, LogLinearAttention
 from flt_mol.models.blocks import TransformerBlock
 
@@ -51,6 +52,10 @@ class LMConfig:
     num_kernel_features: int = 64  # m
     num_rpe_features: int = 32  # r
     rpe_terms: int = 4  # T: mixture modes / box terms per head
+    # How a = g/p splits between query and key RPE features (flt_mol.attention.rpe.RPE_SPLITS):
+    # auto = balanced for the nonnegative Gaussian mixture, one-sided for the signed local RPE;
+    # signed_balanced = sqrt|a| on both sides for any sign (smaller FAVOR+ input norms).
+    rpe_split: str = "auto"
     max_len: int = 512  # longest sequence (log-linear bias table, absolute positions)
     dropout: float = 0.1
     attention_dropout: float = 0.0
@@ -69,6 +74,8 @@ class LMConfig:
             raise ConfigError(f"model.rpe must be one of {RPES}, got {self.rpe!r}")
         if self.attention == "flt" and self.rpe == "none":
             raise ConfigError("model.attention=flt needs model.rpe=gaussian_mixture or local")
+        if self.rpe_split not in RPE_SPLITS:
+            raise ConfigError(f"model.rpe_split must be one of {RPE_SPLITS}, got {self.rpe_split!r}")
         if self.loglinear_algorithm not in LOGLINEAR_ALGORITHMS:
             raise ConfigError(
                 f"model.loglinear_algorithm must be one of {LOGLINEAR_ALGORITHMS}, got {self.loglinear_algorithm!r}"
@@ -146,7 +153,7 @@ class CausalLM(nn.Module):
             return FLTAttention(
                 c.dim, c.num_heads, rpe=self.rpe, mode=c.attention, num_rpe_features=c.num_rpe_features,
                 num_kernel_features=c.num_kernel_features, kernel="favor+", causal=True,
-                dropout=c.attention_dropout,
+                dropout=c.attention_dropout, rpe_split=c.rpe_split,
             )
         if c.attention == "linear":
             return FLTAttention(c.dim, c.num_heads, mode="performer", kernel="elu+1", causal=True,
