@@ -56,6 +56,8 @@ class LMConfig:
     # auto = balanced for the nonnegative Gaussian mixture, one-sided for the signed local RPE;
     # signed_balanced = sqrt|a| on both sides for any sign (smaller FAVOR+ input norms).
     rpe_split: str = "auto"
+    rpe_init_peak: float = 0.3  # initial scale of |f| (DESIGN.md §2(c): keep O(1) or less)
+    rpe_init_max_width: float = 8.0  # local RPE: box half-widths start linearly in [1, this]
     max_len: int = 512  # longest sequence (log-linear bias table, absolute positions)
     dropout: float = 0.1
     attention_dropout: float = 0.0
@@ -82,6 +84,8 @@ class LMConfig:
             )
         if self.dim % self.num_heads != 0:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.rpe_init_peak < 0 or self.rpe_init_max_width < 1.0:
+            raise ConfigError("model.rpe_init_peak must be >= 0 and model.rpe_init_max_width >= 1")
         for name in ("num_layers", "num_heads", "dim", "ffn_dim", "num_kernel_features", "num_rpe_features",
                      "rpe_terms", "max_len"):
             if getattr(self, name) < 1:
@@ -99,11 +103,14 @@ class LMConfig:
         return self.attention in ("performer", "linear") or (self.attention == "exact" and self.rpe == "none")
 
 
-def build_rpe_1d(kind: str, num_heads: int, num_terms: int) -> nn.Module:
+def build_rpe_1d(
+    kind: str, num_heads: int, num_terms: int, *, init_peak: float = 0.3, max_width: float = 8.0
+) -> nn.Module:
     """The per-head RPE on 1D token indices: Gaussian mixture (paper Eq. 4.3) or local boxes
     ``f(n) = sum_t w_t 1[|n| <= v_t]`` on the integer lattice (paper Eq. 20-21).
 
-    Initialised small (peak |f| ~ 0.3, boxes up to 8 tokens wide): the RPE features add about
+    Initialised small by default (peak |f| ~ ``init_peak`` = 0.3, box half-widths 1 to
+    ``max_width`` = 8 tokens): the RPE features add about
     ``mean(a^2)`` to the squared norms FAVOR+ exponentiates (DESIGN.md §2(c)), and wide boxes or
     large amplitudes made the kernel estimate, and training, visibly worse. The Gaussian mixture
     is nonnegative so the balanced ``sqrt(a)`` split applies; its mask is then a positive-definite
@@ -112,9 +119,10 @@ def build_rpe_1d(kind: str, num_heads: int, num_terms: int) -> nn.Module:
     if kind == "gaussian_mixture":
         # Frequencies in cycles per token: means inside the aliasing band [-1/2, 1/2).
         return GaussianMixtureRPE(num_heads, num_terms, 1, nonnegative=True, init_mean_range=0.5,
-                                  init_std=0.05, init_peak=0.3)
+                                  init_std=0.05, init_peak=init_peak)
     if kind == "local":
-        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, 8.0), init_peak=0.3)
+        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, max_width),
+                        init_peak=init_peak)
     raise ValueError(f"unknown 1D RPE {kind!r}; expected gaussian_mixture or local")
 
 
@@ -137,7 +145,11 @@ class CausalLM(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = nn.Embedding(c.max_len, c.dim) if c.uses_abs_pos() else None
-        self.rpe = build_rpe_1d(c.rpe, c.num_heads, c.rpe_terms) if c.uses_rpe() else None
+        self.rpe = (
+            build_rpe_1d(c.rpe, c.num_heads, c.rpe_terms, init_peak=c.rpe_init_peak, max_width=c.rpe_init_max_width)
+            if c.uses_rpe()
+            else None
+        )
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(c.dim, self._attention(), c.ffn_dim, dropout=c.dropout) for _ in range(c.num_layers)
