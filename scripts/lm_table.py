@@ -23,7 +23,7 @@ LABELS = {
     "loglinear": "log-linear Performer (Toeplitz RPE)",
     "linear": "Linear Transformer (elu+1)",
     "cosformer": "cosFormer",
-    "exact": "exact softmax + Gaussian-mixture RPE",
+    "exact": "exact softmax + local RPE (no estimation noise)",
 }
 
 
