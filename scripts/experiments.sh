@@ -36,7 +36,7 @@ case "$section" in
     # 3 seeds per recipe, seed-major so that a cut-short run still compares every model; the
     # recipes differ only in the attention (1,000 steps, fixed random features). Times per run:
     # runs/lm/<model>/seed<k>/time.txt (wall, user, system s). Table: scripts/lm_table.py.
-    for seed in 0 1 2; do
+    for seed in ${LM_SEEDS:-0 1 2}; do
       for m in ${LM_MODELS:-flt_local flt_gm performer loglinear linear cosformer exact}; do
         out=runs/lm/$m/seed$seed
         [ -f "$out/metrics.json" ] && continue
