@@ -11,16 +11,27 @@ For each checkpoint, on 8 validation blocks:
 * the locality statistic (:func:`flt_mol.viz.locality_statistic`) of both.
 
     python scripts/lm_diagnose.py runs/lm/flt_local/seed0/best.pt runs/lm/performer/seed0/best.pt
+
+``--as-flt M [M ...]`` (for an exact-attention checkpoint): the same trained weights evaluated
+through FLT's estimator (signed balanced split, M FAVOR+ features, the checkpoint's RPE) on every
+third validation block, against the exact attention they were trained with: can the random
+features carry the mask that noise-free training learned?
+
+    python scripts/lm_diagnose.py runs/lm/exact/seed0/best.pt --as-flt 32 128 512
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import dataclasses
+import math
 
 import torch
+from torch.nn import functional as F
 
 from flt_mol.attention import FLTAttention
 from flt_mol.attention.layer import center_positions
+from flt_mol.models.lm import CausalLM
 from flt_mol.train.commands import load_for_inference
 from flt_mol.viz import locality_statistic
 
@@ -64,7 +75,37 @@ def diagnose(checkpoint: str) -> None:
         print(msg)
 
 
+@torch.no_grad()
+def exact_weights_as_flt(checkpoint: str, feature_counts: list[int]) -> None:
+    task, exact = load_for_inference(checkpoint, "cpu")
+    if exact.config.attention != "exact" or exact.rpe is None:
+        raise ValueError(f"--as-flt needs an exact-attention checkpoint with an RPE; {checkpoint} is "
+                         f"{exact.config.attention!r}")
+    data = task.val_datasets()["val"]
+    items = [data[i] for i in range(0, len(data), 3)]
+    tokens, targets = torch.stack([t for t, _ in items]), torch.stack([y for _, y in items])
+
+    def perplexity(model: CausalLM) -> float:
+        return math.exp(float(F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())))
+
+    print(f"== {checkpoint}: exact attention {perplexity(exact):.3f} on {len(items)} validation blocks")
+    for m in feature_counts:
+        config = dataclasses.replace(exact.config, attention="flt", rpe_split="signed_balanced", num_kernel_features=m)
+        torch.manual_seed(0)
+        flt = CausalLM(config).eval()
+        # Every learned parameter is shared by the modes; only the random features are new.
+        flt.load_state_dict(exact.state_dict(), strict=False)
+        print(f"  the same weights through FLT, m = {m}: {perplexity(flt):.3f}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for path in sys.argv[1:]:
-        diagnose(path)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--as-flt", type=int, nargs="+", default=None, metavar="M")
+    args = parser.parse_args()
+    for path in args.checkpoints:
+        if args.as_flt:
+            exact_weights_as_flt(path, args.as_flt)
+        else:
+            diagnose(path)
