@@ -4,7 +4,7 @@
 #   bash scripts/experiments.sh is2re       # FLT / Performer / exact on EMT-IS2RE (~10 min each)
 #   bash scripts/experiments.sh periodic    # images vs reciprocal (DESIGN §7), 3 seeds each (~7 min per run idle)
 #   bash scripts/experiments.sh crossover   # IS2RE s/step vs tokens, the three attentions
-#   bash scripts/experiments.sh lm          # the seven LM recipes (log-linear: ~30 min alone)
+#   bash scripts/experiments.sh lm          # the seven LM recipes x 3 seeds (~2-4 min per run)
 #   bash scripts/experiments.sh vit         # the three ViT recipes
 #   bash scripts/experiments.sh bench       # attention (Fig. 1), RPE error (Thm 4.2), data pipeline
 #   bash scripts/experiments.sh viz         # LM attention maps + locality, local RPE shapes
@@ -52,9 +52,19 @@ case "$section" in
       --tokens 64 128 256 512 1024 2048 --out runs/is2re_crossover.json
     ;;
   lm)
-    for m in flt_gm flt_local performer linear cosformer exact loglinear; do
-      "$FLT" train recipes/lm_$m.yaml --out runs/lm_$m
+    # 3 seeds per recipe, seed-major so that a cut-short run still compares every model; the
+    # recipes differ only in the attention (1,000 steps, fixed random features). Times per run:
+    # runs/lm/<model>/seed<k>/time.txt (wall, user, system s). Table: scripts/lm_table.py.
+    for seed in ${LM_SEEDS:-0 1 2}; do
+      for m in ${LM_MODELS:-flt_local flt_gm performer loglinear linear cosformer exact}; do
+        out=runs/lm/$m/seed$seed
+        [ -f "$out/metrics.json" ] && continue
+        mkdir -p "$out"
+        /usr/bin/time -f "%e %U %S" -o "$out/time.txt" \
+          "$FLT" train recipes/lm_$m.yaml --out "$out" run.seed=$seed run.progress=false
+      done
     done
+    "$PY" scripts/lm_table.py runs/lm
     ;;
   vit)
     for m in flt performer cosformer; do
@@ -70,10 +80,10 @@ case "$section" in
     "$FLT" bench data --out runs/bench/data.json
     ;;
   viz)
-    "$FLT" viz attention-maps runs/lm_flt_local/best.pt --out runs/viz/lm_flt_local
-    "$FLT" viz attention-maps runs/lm_flt_gm/best.pt --out runs/viz/lm_flt_gm
+    "$FLT" viz attention-maps runs/lm/flt_local/seed0/best.pt --out runs/viz/lm_flt_local
+    "$FLT" viz attention-maps runs/lm/flt_gm/seed0/best.pt --out runs/viz/lm_flt_gm
     "$FLT" viz local-rpe --out runs/viz/local_rpe
-    "$FLT" viz local-rpe --checkpoint runs/lm_flt_local/best.pt --out runs/viz/local_rpe_learned
+    "$FLT" viz local-rpe --checkpoint runs/lm/flt_local/seed0/best.pt --out runs/viz/local_rpe_learned
     ;;
   optim)
     # Equal meta-training budget for every memory (400 x 4 tasks x 20 unrolled steps).

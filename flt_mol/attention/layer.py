@@ -31,7 +31,7 @@ from flt_mol.attention.linear import (
     linear_attention_weights,
 )
 from flt_mol.attention.periodic import PeriodicLattice
-from flt_mol.attention.rpe import SpectralRPE
+from flt_mol.attention.rpe import RPE_SPLITS, SpectralRPE
 
 __all__ = ["FLTAttention", "MODES", "center_positions"]
 
@@ -90,7 +90,7 @@ class FLTAttention(nn.Module):
             normaliser keeps it), so the expected output matches the undropped one.
         chunk_size: chunk length of the causal linear attention.
         bias: bias of the projections.
-        rpe_split: ``"auto" | "balanced" | "one_sided"`` (see ``SpectralRPE.features``).
+        rpe_split: ``"auto" | "balanced" | "one_sided" | "signed_balanced"`` (see ``SpectralRPE.features``).
 
     Shapes:
         ``forward(x [B, L, D], pos [B, L, l] | None, padding_mask [B, L] | None) -> [B, L, D]``;
@@ -133,8 +133,8 @@ class FLTAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if rpe_split not in ("auto", "balanced", "one_sided"):
-            raise ValueError(f"rpe_split must be auto, balanced or one_sided, got {rpe_split!r}")
+        if rpe_split not in RPE_SPLITS:
+            raise ValueError(f"rpe_split must be one of {RPE_SPLITS}, got {rpe_split!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -207,6 +207,22 @@ class FLTAttention(nn.Module):
 
     def _uses_rpe(self) -> bool:
         return self.rpe is not None and self.mode in ("flt", "exact")
+
+    def _exact_bias(self, pos: torch.Tensor | None, lattice: PeriodicLattice | None = None) -> torch.Tensor | None:
+        """The exact mask ``[B or 1, H, L, L]`` of the exact mode (None without RPE); the lattice
+        sum ``f_per`` for periodic structures.
+
+        Positions shared by the whole batch (an ``expand``-ed ``[1, L, l]``, stride 0 on the
+        batch, as the LM passes them) give one mask broadcast over the batch: the same values
+        for B times less mask work.
+        """
+        if not self._uses_rpe():
+            return None
+        if lattice is not None:
+            return self.rpe.exact_mask(pos, lattice=lattice)
+        if pos.shape[0] > 1 and pos.stride(0) == 0:
+            return self.rpe.exact_mask(pos[:1])
+        return self.rpe.exact_mask(pos)
 
     def _scaled_qkv(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``rows`` of the ``qkv`` weight and bias with the ``d^-1/4`` of Alg. 1 folded in.
@@ -336,7 +352,7 @@ class FLTAttention(nn.Module):
             out_dtype = v.dtype
             # The logits, mask and softmax run in fp32 even under bf16/fp16 autocast.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                bias = self.rpe.exact_mask(pos, lattice=lattice) if self._uses_rpe() else None
+                bias = self._exact_bias(pos, lattice)
                 out = softmax_attention(
                     q, k, _acc(v), bias=bias, causal=self.causal, padding_mask=padding_mask,
                     dropout=self.dropout, training=self.training, scale=1.0,

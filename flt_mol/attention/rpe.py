@@ -8,6 +8,9 @@ random features (DESIGN.md §2): draw ``xi_1..xi_r ~ p``, ``a_k = g(xi_k)/p(xi_k
 * one-sided (any sign of ``a``): ``n1_i = [a_k cos t_ik, a_k sin t_ik]_k / sqrt(r)``,
   ``n2_j = [cos t_jk, sin t_jk]_k / sqrt(r)``;
 * balanced (``a >= 0``): ``sqrt(a_k)`` on both sides,
+* signed balanced (any sign): ``sqrt(|a_k|)`` on both sides and ``sign(a_k)`` on the query side;
+  ``|n1|^2 + |n2|^2 = 2 mean|a|`` against the one-sided ``mean(a^2) + 1`` (never larger, since
+  ``2|a| <= a^2 + 1``), which is what FAVOR+'s variance grows with (DESIGN.md §2(c)),
 
 so ``n1_i . n2_j = (1/r) sum_k a_k cos(2 pi (r_i - r_j).xi_k)`` with expectation ``Re f(r_i - r_j)``.
 
@@ -52,6 +55,9 @@ __all__ = [
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
+#: How ``a = g/p`` is split between the query and key features (see ``SpectralRPE.features``).
+RPE_SPLITS = ("auto", "balanced", "one_sided", "signed_balanced")
+
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """Promote to at least fp32 (fp64 stays fp64)."""
@@ -71,8 +77,13 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+#: ``|a| + eps`` under the square root of the signed balanced split: ``n1 . n2`` stays exactly
+#: ``a`` (unbiased) while the gradient of ``a / sqrt(|a| + eps)`` stays below ``eps^-1/2`` at a = 0.
+_SIGNED_SPLIT_EPS = 1e-4
+
+
 def rpe_features(
-    pos: torch.Tensor, xi: torch.Tensor, a: torch.Tensor, *, balanced: bool
+    pos: torch.Tensor, xi: torch.Tensor, a: torch.Tensor, *, balanced: bool, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real random Fourier features of an RPE mask (the pure function behind ``features``).
 
@@ -81,19 +92,22 @@ def rpe_features(
         xi: frequencies ``[H, F, l]``.
         a: importance weights ``g(xi)/p(xi)``, ``[H, F]``; must be ``>= 0`` when ``balanced``.
         balanced: put ``sqrt(a)`` on both sides (else ``a`` on the query side only).
+        signed: with ``balanced``, allow any sign: ``a / sqrt(|a| + eps)`` on the query side,
+            ``sqrt(|a| + eps)`` on the key side (their product is ``a``).
 
     Shapes: returns ``(n1, n2)``, each ``[B, H, L, 2F]`` in fp32.
     """
     dtype = torch.promote_types(torch.promote_types(pos.dtype, xi.dtype), torch.float32)
     ang = (2.0 * math.pi) * torch.einsum("bli,hfi->bhlf", pos.to(dtype), xi.to(dtype))
-    return features_from_angles(ang, a[None], balanced=balanced)
+    return features_from_angles(ang, a[None], balanced=balanced, signed=signed)
 
 
 def features_from_angles(
-    ang: torch.Tensor, a: torch.Tensor, *, balanced: bool
+    ang: torch.Tensor, a: torch.Tensor, *, balanced: bool, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n1 = [w cos, w sin] / sqrt(F)``, ``n2 = [cos, sin] / sqrt(F)`` (one-sided, ``w = a``) or
-    ``sqrt(a)`` on both sides (balanced), so ``n1_i . n2_j = (1/F) sum_f a_f cos(ang_if - ang_jf)``.
+    """``n1 = [w cos, w sin] / sqrt(F)``, ``n2 = [cos, sin] / sqrt(F)`` (one-sided, ``w = a``),
+    ``sqrt(a)`` on both sides (balanced) or ``a / sqrt(|a| + eps)`` and ``sqrt(|a| + eps)`` (balanced
+    and signed), so ``n1_i . n2_j = (1/F) sum_f a_f cos(ang_if - ang_jf)``.
 
     Shapes: ``ang [B, H, L, F]``, ``a [B or 1, H, F]`` -> two ``[B, H, L, 2F]`` in ``ang``'s dtype.
     """
@@ -101,6 +115,10 @@ def features_from_angles(
     cos, sin = torch.cos(ang), torch.sin(ang)
     scale = 1.0 / math.sqrt(num_features)
     a = a.to(ang.dtype)[:, :, None, :]
+    if balanced and signed:
+        root = torch.sqrt(a.abs() + _SIGNED_SPLIT_EPS)
+        s1, s2 = a / root * scale, root * scale
+        return torch.cat([cos * s1, sin * s1], dim=-1), torch.cat([cos * s2, sin * s2], dim=-1)
     if balanced:
         s = torch.sqrt(a.clamp_min(0.0)) * scale
         n1 = torch.cat([cos * s, sin * s], dim=-1)
@@ -230,15 +248,17 @@ class SpectralRPE(nn.Module):
             shape = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
             raise ValueError(f"pos must be [B, L, {self.dim}] (dim of this RPE), got {shape}")
 
-    def _check_split(self, split: str) -> bool:
-        """Validate ``split`` and return whether the balanced form is used."""
-        if split not in ("auto", "balanced", "one_sided"):
-            raise ValueError(f"split must be auto, balanced or one_sided, got {split!r}")
+    def _check_split(self, split: str) -> tuple[bool, bool]:
+        """Validate ``split``; return ``(balanced, signed)`` for :func:`features_from_angles`."""
+        if split not in RPE_SPLITS:
+            raise ValueError(f"split must be one of {RPE_SPLITS}, got {split!r}")
         if split == "balanced" and not self.nonnegative_spectrum:
             raise ValueError(
                 f"split='balanced' needs a nonnegative spectrum; {type(self).__name__} is signed here"
             )
-        return split == "balanced" or (split == "auto" and self.nonnegative_spectrum)
+        if split == "signed_balanced":
+            return True, True
+        return split == "balanced" or (split == "auto" and self.nonnegative_spectrum), False
 
     def _noise_for(self, num_features, generator, noise, device) -> torch.Tensor:
         if not isinstance(num_features, int) or num_features < 1:
@@ -291,7 +311,7 @@ class SpectralRPE(nn.Module):
             noise: fixed base noise from :meth:`draw_noise` (``[H, F, noise_width]``); fresh
                 noise is drawn when None.
             split: ``"auto"`` (balanced when ``a >= 0`` is guaranteed, else one-sided),
-                ``"balanced"`` or ``"one_sided"``.
+                ``"balanced"``, ``"one_sided"`` or ``"signed_balanced"`` (any sign of ``a``).
             cell: ``[B, 3, 3]`` or ``[3, 3]`` lattice rows; ``pbc``: ``[B, 3]`` or ``[3]`` bool
                 (default ``(True, True, False)``, a slab). ``lattice``: the same, prebuilt with
                 :meth:`PeriodicLattice.from_cell` (reuse it across layers).
@@ -302,14 +322,14 @@ class SpectralRPE(nn.Module):
         Shapes: returns two ``[B, H, L, 2F]`` fp32 tensors.
         """
         self.check_positions(pos)
-        balanced = self._check_split(split)
+        balanced, signed = self._check_split(split)
         noise = self._noise_for(num_features, generator, noise, pos.device)
         lattice = self._lattice_of(pos, cell, pbc, lattice)
         if lattice is not None:
             draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask, origin_weights=origin_weights)
-            return features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced)
+            return features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced, signed=signed)
         xi, a = self.sample(noise)
-        return rpe_features(pos, xi, a, balanced=balanced)
+        return rpe_features(pos, xi, a, balanced=balanced, signed=signed)
 
     def estimate_mask(
         self, pos: torch.Tensor, num_features: int, generator=None, *, noise=None, split="auto", **periodic

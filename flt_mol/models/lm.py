@@ -1,10 +1,12 @@
 """Decoder-only causal language model with the attention injected (paper Sec. 5.1, Table 1).
 
 ``tokens [B, L] -> embedding -> N x TransformerBlock(causal attention, pos = [0..L-1]) -> LN ->
-logits [B, L, V]`` (output projection tied to the embedding). Positions enter only through the
-attention: token ``i`` has ``pos[i] = i`` (``pos [B, L, 1]``), so the RPE variants see relative
-offsets and the RPE-free baselines (Performer, Linear Transformer) get a learned absolute position
-embedding instead (``abs_pos``; on by default only where no other positional signal exists).
+logits [B, L, V]`` (output projection tied to the embedding). Token ``i`` has ``pos[i] = i``
+(``pos [B, L, 1]``), so the RPE variants see relative offsets. A learned absolute position
+embedding (``abs_pos``) is on by default only where no other positional signal exists
+(Performer, Linear Transformer); the CPU recipes turn it on for every variant, so that FLT is the
+Performer plus an RPE (measured: without it the local-RPE FLT reached perplexity 8.3 against the
+Performer's 6.3, because its learned RPE stays far too weak to supply locality; README).
 
 Attention variants (``LMConfig.attention``), every other part equal:
 
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 
 from flt_mol.attention import FLTAttention, GaussianMixtureRPE, LocalRPE
-from flt_mol.attention.baselines import CosFormerAttention, LogLinearAttention
+from flt_mol.attention.rpe import RPE_SPLITS
+from flt_mol.attention.baselines import LOGLINEAR_ALGORITHMS, CosFormerAttention, LogLinearAttention
 from flt_mol.models.blocks import TransformerBlock
 
 __all__ = ["LMConfig", "CausalLM", "ATTENTIONS", "RPES", "build_rpe_1d"]
@@ -51,10 +54,19 @@ class LMConfig:
     num_kernel_features: int = 64  # m
     num_rpe_features: int = 32  # r
     rpe_terms: int = 4  # T: mixture modes / box terms per head
+    # How a = g/p splits between query and key RPE features (flt_mol.attention.rpe.RPE_SPLITS):
+    # auto = balanced for the nonnegative Gaussian mixture, one-sided for the signed local RPE;
+    # signed_balanced = sqrt|a| on both sides for any sign (smaller FAVOR+ input norms).
+    rpe_split: str = "auto"
+    rpe_init_peak: float = 0.3  # initial scale of |f| (DESIGN.md §2(c): keep O(1) or less)
+    rpe_init_max_width: float = 8.0  # local RPE: box half-widths start linearly in [1, this]
     max_len: int = 512  # longest sequence (log-linear bias table, absolute positions)
     dropout: float = 0.1
     attention_dropout: float = 0.0
     abs_pos: bool | None = None  # null: on exactly for the variants without any positional signal
+    # log-linear Performer: fft | dense | auto (dense up to 256 tokens; the same function, see
+    # flt_mol.attention.baselines.LogLinearAttention)
+    loglinear_algorithm: str = "auto"
     vocab_size: int = 0
 
     def validate(self) -> None:
@@ -66,8 +78,16 @@ class LMConfig:
             raise ConfigError(f"model.rpe must be one of {RPES}, got {self.rpe!r}")
         if self.attention == "flt" and self.rpe == "none":
             raise ConfigError("model.attention=flt needs model.rpe=gaussian_mixture or local")
+        if self.rpe_split not in RPE_SPLITS:
+            raise ConfigError(f"model.rpe_split must be one of {RPE_SPLITS}, got {self.rpe_split!r}")
+        if self.loglinear_algorithm not in LOGLINEAR_ALGORITHMS:
+            raise ConfigError(
+                f"model.loglinear_algorithm must be one of {LOGLINEAR_ALGORITHMS}, got {self.loglinear_algorithm!r}"
+            )
         if self.dim % self.num_heads != 0:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.rpe_init_peak < 0 or self.rpe_init_max_width < 1.0:
+            raise ConfigError("model.rpe_init_peak must be >= 0 and model.rpe_init_max_width >= 1")
         for name in ("num_layers", "num_heads", "dim", "ffn_dim", "num_kernel_features", "num_rpe_features",
                      "rpe_terms", "max_len"):
             if getattr(self, name) < 1:
@@ -85,11 +105,14 @@ class LMConfig:
         return self.attention in ("performer", "linear") or (self.attention == "exact" and self.rpe == "none")
 
 
-def build_rpe_1d(kind: str, num_heads: int, num_terms: int) -> nn.Module:
+def build_rpe_1d(
+    kind: str, num_heads: int, num_terms: int, *, init_peak: float = 0.3, max_width: float = 8.0
+) -> nn.Module:
     """The per-head RPE on 1D token indices: Gaussian mixture (paper Eq. 4.3) or local boxes
     ``f(n) = sum_t w_t 1[|n| <= v_t]`` on the integer lattice (paper Eq. 20-21).
 
-    Initialised small (peak |f| ~ 0.3, boxes up to 8 tokens wide): the RPE features add about
+    Initialised small by default (peak |f| ~ ``init_peak`` = 0.3, box half-widths 1 to
+    ``max_width`` = 8 tokens): the RPE features add about
     ``mean(a^2)`` to the squared norms FAVOR+ exponentiates (DESIGN.md §2(c)), and wide boxes or
     large amplitudes made the kernel estimate, and training, visibly worse. The Gaussian mixture
     is nonnegative so the balanced ``sqrt(a)`` split applies; its mask is then a positive-definite
@@ -98,9 +121,10 @@ def build_rpe_1d(kind: str, num_heads: int, num_terms: int) -> nn.Module:
     if kind == "gaussian_mixture":
         # Frequencies in cycles per token: means inside the aliasing band [-1/2, 1/2).
         return GaussianMixtureRPE(num_heads, num_terms, 1, nonnegative=True, init_mean_range=0.5,
-                                  init_std=0.05, init_peak=0.3)
+                                  init_std=0.05, init_peak=init_peak)
     if kind == "local":
-        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, 8.0), init_peak=0.3)
+        return LocalRPE(num_heads, num_terms, 1, lattice=True, init_half_width_range=(1.0, max_width),
+                        init_peak=init_peak)
     raise ValueError(f"unknown 1D RPE {kind!r}; expected gaussian_mixture or local")
 
 
@@ -123,7 +147,11 @@ class CausalLM(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = nn.Embedding(c.max_len, c.dim) if c.uses_abs_pos() else None
-        self.rpe = build_rpe_1d(c.rpe, c.num_heads, c.rpe_terms) if c.uses_rpe() else None
+        self.rpe = (
+            build_rpe_1d(c.rpe, c.num_heads, c.rpe_terms, init_peak=c.rpe_init_peak, max_width=c.rpe_init_max_width)
+            if c.uses_rpe()
+            else None
+        )
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(c.dim, self._attention(), c.ffn_dim, dropout=c.dropout) for _ in range(c.num_layers)
@@ -139,7 +167,7 @@ class CausalLM(nn.Module):
             return FLTAttention(
                 c.dim, c.num_heads, rpe=self.rpe, mode=c.attention, num_rpe_features=c.num_rpe_features,
                 num_kernel_features=c.num_kernel_features, kernel="favor+", causal=True,
-                dropout=c.attention_dropout,
+                dropout=c.attention_dropout, rpe_split=c.rpe_split,
             )
         if c.attention == "linear":
             return FLTAttention(c.dim, c.num_heads, mode="performer", kernel="elu+1", causal=True,
@@ -150,7 +178,7 @@ class CausalLM(nn.Module):
             return CosFormerAttention(c.dim, c.num_heads, causal=True, max_len=c.max_len)
         if c.attention == "loglinear":
             return LogLinearAttention(c.dim, c.num_heads, causal=True, max_len=c.max_len,
-                                      num_features=c.num_kernel_features)
+                                      num_features=c.num_kernel_features, algorithm=c.loglinear_algorithm)
         raise ValueError(f"unknown attention {c.attention!r}")
 
     def reset_parameters(self) -> None:

@@ -193,3 +193,57 @@ def test_loglinear_with_exact_features_is_toeplitz_softmax(causal):
     fast = loglinear_attention(qf, kf, v, rel_bias=bias, causal=causal)
     ref = toeplitz_softmax_attention_exact(q, k, v, rel_bias=bias, causal=causal)
     torch.testing.assert_close(fast, ref, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_loglinear_feature_chunks_equal_dense_with_gradients(causal, chunk):
+    """Chunking the FFT over features (any chunk, also one that does not divide m) changes only
+    the memory: values and gradients equal the dense O(L^2) definition."""
+    b, h, length, m, e = 2, 2, 17, 7, 3
+    inputs = [
+        torch.rand(b, h, length, m, dtype=torch.float64),
+        torch.rand(b, h, length, m, dtype=torch.float64),
+        torch.randn(b, h, length, e, dtype=torch.float64),
+        0.5 * torch.randn(h, 2 * length - 1, dtype=torch.float64),
+    ]
+    grads = []
+    for fn in (
+        lambda qf, kf, v, bias: loglinear_attention(qf, kf, v, rel_bias=bias, causal=causal, feature_chunk=chunk),
+        lambda qf, kf, v, bias: loglinear_attention_exact(qf, kf, v, rel_bias=bias, causal=causal),
+    ):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        (out * torch.linspace(-1, 1, e, dtype=torch.float64)).sum().backward()
+        grads.append((out.detach(), [t.grad for t in leaves]))
+    (fast, g_fast), (ref, g_ref) = grads
+    torch.testing.assert_close(fast, ref, **TOL64)
+    for a, r in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, r, **TOL64)
+
+
+def test_loglinear_rejects_bad_chunk_and_bias_length():
+    qf = kf = torch.rand(1, 1, 4, 2)
+    v = torch.randn(1, 1, 4, 3)
+    with pytest.raises(ValueError, match="feature_chunk"):
+        loglinear_attention(qf, kf, v, rel_bias=torch.zeros(1, 7), feature_chunk=0)
+    with pytest.raises(ValueError, match="2L-1"):
+        loglinear_attention(qf, kf, v, rel_bias=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="algorithm"):
+        LogLinearAttention(16, 2, algorithm="direct")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_loglinear_module_algorithms_are_one_function(causal):
+    """fft, dense and auto evaluate the same attention (same parameters, same feature draw)."""
+    torch.manual_seed(1)
+    ref = LogLinearAttention(16, 2, causal=causal, max_len=24, num_features=8, algorithm="fft").double()
+    with torch.no_grad():
+        ref.rel_bias.normal_(0.0, 0.5)  # a non-trivial Toeplitz mask
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    out_fft = ref(x)
+    for algorithm, dense_max_len in (("dense", 256), ("auto", 256), ("auto", 8)):
+        other = LogLinearAttention(16, 2, causal=causal, max_len=24, num_features=8, algorithm=algorithm,
+                                   dense_max_len=dense_max_len).double()
+        other.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(other(x), out_fft, **TOL64)

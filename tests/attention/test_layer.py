@@ -225,3 +225,25 @@ def test_errors():
     # performer mode ignores the RPE and needs no positions.
     assert FLTAttention(D, H, rpe=rpe, mode="performer")(x).shape == x.shape
     assert "mode='flt'" in repr(layer)
+
+
+@pytest.mark.parametrize("rpe_factory", [lambda: LocalRPE(2, 3, 1, lattice=True), lambda: GaussianMixtureRPE(2, 3, 1)])
+def test_exact_mode_batch_shared_positions_equal_per_example_positions(rpe_factory):
+    """An expand-ed (stride-0) position tensor takes the one-mask shortcut; values and gradients
+    equal those of the same positions materialised per example."""
+    torch.manual_seed(0)
+    rpe = rpe_factory()
+    attn = FLTAttention(16, 2, rpe=rpe, mode="exact", causal=True)
+    x = torch.randn(3, 10, 16)
+    shared = torch.arange(10.0).view(1, 10, 1).expand(3, -1, -1)
+    assert shared.stride(0) == 0
+    outs, grads = [], []
+    for pos in (shared, shared.contiguous()):
+        attn.zero_grad()
+        out = attn(x, pos)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in rpe.parameters()])
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -38,6 +38,9 @@ CASES = [
     ("kernel_gaussian_balanced", lambda: (KernelRPE(2, "gaussian", 3), _cont_pos(3)), "balanced"),
     ("kernel_gaussian_onesided", lambda: (KernelRPE(2, "gaussian", 3), _cont_pos(3)), "one_sided"),
     ("kernel_laplace", lambda: (KernelRPE(2, "laplace", 2, init_length_scale=0.7), _cont_pos(2)), "auto"),
+    ("local_lattice_1d_signed_balanced", lambda: (LocalRPE(2, 3, 1, lattice=True, init_half_width_range=(0.5, 3.0)), _lattice_pos(1)), "signed_balanced"),
+    ("gm_mixture_signed_balanced", lambda: (GaussianMixtureRPE(2, 3, 1, init_std=0.1), _cont_pos(1, scale=3.0)), "signed_balanced"),
+    ("gb_signed_balanced", lambda: (GaussianBasisRPE(2, 3, 2, nonnegative=False, sampler="mixture"), _cont_pos(2)), "signed_balanced"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -250,3 +253,28 @@ def test_row_sums_unbiased_and_translation_invariant():
         rpe.row_sums(pos + 3.0, 8, noise=noise, padding_mask=pad),
         rpe.row_sums(pos, 8, noise=noise, padding_mask=pad), rtol=1e-4, atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("init_peak", [0.1, 1.0, 5.0])
+def test_signed_balanced_split_has_smaller_norms(init_peak):
+    """Same draw, same estimate n1 . n2 (exactly), and |n1|^2 + |n2|^2 never above the one-sided split's
+    (2|a| <= a^2 + 1 per feature): the quantity FAVOR+'s variance grows with."""
+    rpe = LocalRPE(3, 4, 1, lattice=True, init_half_width_range=(1.0, 8.0), init_peak=init_peak)
+    pos = torch.arange(40.0).view(1, 40, 1)
+    noise = rpe.draw_noise(16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        o1, o2 = rpe.features(pos, 16, noise=noise, split="one_sided")
+        s1, s2 = rpe.features(pos, 16, noise=noise, split="signed_balanced")
+    torch.testing.assert_close(s1 @ s2.transpose(-1, -2), o1 @ o2.transpose(-1, -2), rtol=1e-4, atol=1e-5)
+    one_sided = o1.pow(2).sum(-1) + o2.pow(2).sum(-1)
+    signed = s1.pow(2).sum(-1) + s2.pow(2).sum(-1)
+    assert bool((signed <= one_sided + 2e-4).all())
+
+
+def test_signed_balanced_split_gradients_are_finite_at_zero_weight():
+    rpe = LocalRPE(2, 2, 1, lattice=True)
+    with torch.no_grad():
+        rpe.amplitudes.zero_()
+    n1, n2 = rpe.features(torch.arange(6.0).view(1, 6, 1), 4, split="signed_balanced")
+    (n1 @ n2.transpose(-1, -2)).sum().backward()
+    assert torch.isfinite(rpe.amplitudes.grad).all() and torch.isfinite(rpe.half_width_raw.grad).all()

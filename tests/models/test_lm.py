@@ -167,3 +167,27 @@ def test_lm_task_config_errors():
         config_from_dict({**base, "data": {"source": "wikitext103"}})
     with pytest.raises(ConfigError, match="unknown config key data.blocksize"):
         config_from_dict({**base, "data": {"blocksize": 12}})
+
+
+def test_loglinear_algorithms_give_the_same_model():
+    """The log-linear LM's dense (short-sequence) and FFT evaluations are one function."""
+    dense = tiny("loglinear", "none", loglinear_algorithm="dense").eval()
+    fft = tiny("loglinear", "none", loglinear_algorithm="fft").eval()
+    fft.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for block in dense.blocks:
+            block.attention.rel_bias.normal_(0.0, 0.5)
+        fft.load_state_dict(dense.state_dict())
+        tokens = torch.randint(0, 13, (2, 40))
+        torch.testing.assert_close(fft(tokens), dense(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_signed_balanced_local_rpe_is_causal_and_valid_config():
+    model = tiny("flt", "local", rpe_split="signed_balanced").eval()
+    assert all(block.attention.rpe_split == "signed_balanced" for block in model.blocks)
+    tokens = torch.randint(0, 13, (2, 30))
+    torch.testing.assert_close(model(tokens[:, :11]), model(tokens)[:, :11], **DEFAULT_TOL)
+    with pytest.raises(ConfigError, match="rpe_split"):
+        LMConfig(rpe_split="sideways").validate()
+    with pytest.raises(ConfigError, match="loglinear_algorithm"):
+        LMConfig(loglinear_algorithm="direct").validate()
