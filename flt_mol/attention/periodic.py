@@ -297,13 +297,43 @@ def lattice_images(basis: torch.Tensor, periodic_dims: torch.Tensor, cutoff: flo
 def log_box_mass(centre: torch.Tensor, half_width: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``log P(centre - w <= X < centre + w)`` for ``X ~ N(0, sigma^2)``, stable in both tails (fp64).
 
+    The normal law is symmetric, so the box is moved to ``|centre|`` and its mass written as a
+    difference of upper tails, ``(erfc(lo / sqrt 2) - erfc(hi / sqrt 2)) / 2`` with
+    ``lo, hi = (|centre| -+ w) / sigma``: fp64 holds both with full relative precision down to
+    ``~1e-300``, so there is no cancellation beyond that of the mass itself. Boxes further out
+    than 30 standard deviations (or whose two ends round to the same value) fall back to
+    ``log_ndtr`` in log space. Measured on CPU: ``erfc`` is ~19x faster than ``log_ndtr`` in fp64,
+    and these masses were the sampler's main cost. Both forms agree to fp64 rounding.
+
     Shapes broadcast; ``half_width, sigma > 0``.
     """
-    lo = (centre - half_width) / sigma
-    hi = (centre + half_width) / sigma
-    # Use the tail on the side away from the mean: Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi).
-    flip = lo > 0
-    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    return _log_box_mass_scaled(centre.abs() * _SQRT_HALF, half_width * _SQRT_HALF, 1.0 / sigma) - _LOG2
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_LOG2 = math.log(2.0)
+
+
+def _log_box_mass_scaled(u: torch.Tensor, v: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
+    """``log(2 P(box))`` for the box ``|centre| = u sqrt 2``, half-width ``v sqrt 2`` (see :func:`log_box_mass`).
+
+    ``u - v`` and ``u + v`` are formed before broadcasting against ``inv_sigma`` (the mixture's
+    terms), so the large tensor sees two products, two ``erfc``, one difference and one log.
+    """
+    x_lo = (u - v) * inv_sigma
+    x_hi = (u + v) * inv_sigma
+    diff = torch.special.erfc(x_lo) - torch.special.erfc(x_hi)
+    far = (x_lo > 21.0) | ~(diff > 0)
+    out = torch.log(diff.clamp_min(1e-308))
+    if bool(far.any()):
+        # Tail form: with lo, hi = -x_hi sqrt 2, -x_lo sqrt 2 (left of the mean), P = Phi(hi) - Phi(lo).
+        tail = _log_box_mass_tail(-x_hi / _SQRT_HALF, -x_lo / _SQRT_HALF) + _LOG2
+        out = torch.where(far, tail, out)
+    return out
+
+
+def _log_box_mass_tail(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``log(Phi(hi) - Phi(lo))`` for ``lo < hi``, ``lo <= 0``, in log space (any depth of tail)."""
     log_hi = torch.special.log_ndtr(hi)
     log_lo = torch.special.log_ndtr(lo)
     return log_hi + torch.log1p(-torch.exp((log_lo - log_hi).clamp_max(0.0)).clamp_max(1.0 - 1e-300))
@@ -347,17 +377,32 @@ def periodic_mixture_log_density(
     s = sigma.double()[None, :, None, :, None]  # [1, H, 1, T, 1]
     kk = k[..., None, :]  # [B, H, F, 1, 3]
     half = 0.5 / torch.diagonal(basis.double(), dim1=-2, dim2=-1)[:, None, None, None, :]  # [B,1,1,1,3]
-    log_gauss = -0.5 * (kk / s) ** 2 - 0.5 * math.log(2.0 * math.pi) - torch.log(s)
     periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
-    # Box masses (the costly part) only for the coordinates some structure snaps.
-    nper = int(periodic_dims.max()) if periodic_dims.numel() else 0
-    per_coord = log_gauss
-    if nper > 0:
-        log_box = log_box_mass(kk[..., :nper], half[..., :nper], s)
-        per_coord = torch.cat([torch.where(periodic[..., :nper], log_box, log_gauss[..., :nper]),
-                               log_gauss[..., nper:]], dim=-1)
-    per_term = per_coord.sum(-1)  # [B, H, F, T]
+    # Coordinates [0, nmin) are snapped in every structure (box masses only), [nmax, 3) in none
+    # (Gaussian densities only); only the coordinates in between need both and a choice.
+    nmin = int(periodic_dims.min()) if periodic_dims.numel() else 0
+    nmax = int(periodic_dims.max()) if periodic_dims.numel() else 0
+    # One coordinate at a time on contiguous [B, H, F, T] tensors (fewer, cheaper ops than a
+    # strided [..., 3] layout); |k| / sqrt 2 and the half-widths are combined before broadcasting.
+    u = k.abs() * _SQRT_HALF  # [B, H, F, 3]
+    v = half[:, 0, 0, 0] * _SQRT_HALF  # [B, 3]
+    inv_s = 1.0 / sigma.double()  # [H, T]
+    per_term = None
+    for j in range(3):
+        uj = u[..., j, None]  # [B, H, F, 1]
+        vj = v[:, j, None, None, None]  # [B, 1, 1, 1]
+        if j < nmax:
+            box = _log_box_mass_scaled(uj, vj, inv_s[None, :, None, :]) - _LOG2  # [B, H, F, T]
+        if j >= nmin:
+            gauss = _log_gauss(k[..., j, None], s[..., 0])
+        term = box if j < nmin else gauss if j >= nmax else torch.where(periodic[..., j], box, gauss)
+        per_term = term if per_term is None else per_term + term
     return torch.logsumexp(per_term, dim=-1) - math.log(sigma.shape[-1])
+
+
+def _log_gauss(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``log N(x; 0, s^2)`` element-wise."""
+    return -0.5 * (x / s) ** 2 - 0.5 * math.log(2.0 * math.pi) - torch.log(s)
 
 
 # ------------------------------------------------------------------------------------------------

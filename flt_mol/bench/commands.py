@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     # Light modules: their heavy imports (torch, ase, lmdb) live inside their functions.
-    from flt_mol.bench import attention, data_pipeline, rpe
+    from flt_mol.bench import attention, data_pipeline, rpe, train_step
 
     p = sub.add_parser(
         "attention", help="forward time and peak memory vs length (paper Fig. 1)",
@@ -54,6 +54,15 @@ def add_parser(subparsers) -> None:
     )
     rpe.add_arguments(p)
     p.set_defaults(func=_run_rpe)
+
+    p = sub.add_parser(
+        "train-step", help="one IS2RE training step: phases, top operators, tokens/s, FLOP bound",
+        description="Time one training step of a recipe (default recipes/emt_is2re_flt.yaml) phase by phase, "
+        "list the top operators from torch.profiler, count its FLOPs and compare with this machine's fp32 "
+        "FLOP rate; --compare times other checkouts beside it, alternating.",
+    )
+    train_step.add_arguments(p)
+    p.set_defaults(func=train_step.run)
 
     p = sub.add_parser("data", help="data pipeline throughput: read + periodic images + collate")
     data_pipeline.add_arguments(p)
