@@ -44,6 +44,7 @@ __all__ = [
     "displacement_sum_exact",
     "periodic_context",
     "periodic_context_exact",
+    "periodic_context_cs",
     "periodic_displacement",
     "periodic_displacement_exact",
     "energy_readout",
@@ -228,7 +229,8 @@ def periodic_context(n1: torch.Tensor, n2: torch.Tensor, *, k0: torch.Tensor, f0
 
 
 def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, *, query: torch.Tensor,
-                          key: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+                          key: torch.Tensor, padding_mask: torch.Tensor,
+                          cos_sin: torch.Tensor | None = None) -> torch.Tensor:
     """Periodic displacement head: ``d_i = sum_c a_ic sum_j b_jc sum_n (D + nA) f_c(D + nA)``, ``D = r_j - r_i``.
 
     For a Gaussian basis ``x f(x) = -s^2 grad f(x)``, so the lattice sum is the sine series
@@ -238,17 +240,48 @@ def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Te
     atom by a lattice vector changes nothing (the phases are wrapped).
 
     Shapes: ``phase [B, C, L, F]``, ``weight [B, C, F]``, ``k [B, C, F, 3]`` (the frequencies in the
-    output's coordinates), ``query a, key b [B, L, C]``, ``padding_mask [B, L]`` -> ``[B, L, 3]``.
+    output's coordinates), ``query a, key b [B, L, C]``, ``padding_mask [B, L]`` -> ``[B, L, 3]``;
+    ``cos_sin``: ``[cos phase, sin phase]`` (``[B, C, L, 2F]``) when the caller already has it.
     """
     keep = (~padding_mask).to(phase.dtype)
-    cos, sin = torch.cos(phase), torch.sin(phase)
-    b = (key * keep[..., None]).transpose(1, 2)[..., None].to(phase.dtype)  # [B, C, L, 1]
-    S, C = (b * sin).sum(2), (b * cos).sum(2)  # [B, C, F]
-    scale = (2.0 * math.pi / phase.shape[-1]) * weight.to(phase.dtype)  # [B, C, F]
-    per = cos * (scale * S)[:, :, None, :] - sin * (scale * C)[:, :, None, :]  # [B, C, L, F]
-    vec = torch.einsum("bclf,bcfx->bclx", per, k.to(phase.dtype))  # [B, C, L, 3]
-    out = (vec * query.transpose(1, 2)[..., None].to(phase.dtype)).sum(dim=1)
+    num_freq = phase.shape[-1]
+    # cs = [cos | sin]; with S_f, C_f the b-weighted sums of sin and cos, the per-atom vector is
+    # cos @ (w S k) - sin @ (w C k) = cs @ [w S k ; -w C k]: two batched matrix products, no
+    # [B, C, L, F] temporaries besides cs (which the context shares, see periodic_context_cs).
+    cs = cos_sin if cos_sin is not None else torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+    b = (key * keep[..., None]).transpose(1, 2).to(phase.dtype)  # [B, C, L]
+    sums = torch.einsum("bcl,bclf->bcf", b, cs)  # [C_f | S_f], [B, C, 2F]
+    scale = (2.0 * math.pi / num_freq) * weight.to(phase.dtype)  # [B, C, F]
+    coef = torch.cat([scale * sums[..., num_freq:], -scale * sums[..., :num_freq]], dim=-1)  # [B, C, 2F]
+    kk = k.to(phase.dtype)
+    vec = torch.matmul(cs, coef[..., None] * torch.cat([kk, kk], dim=-2))  # [B, C, L, 3]
+    out = torch.einsum("bclx,blc->blx", vec, query.to(phase.dtype))
     return out * keep[..., None]
+
+
+def periodic_context_cs(cs: torch.Tensor, weight: torch.Tensor, *, k0: torch.Tensor, f0: torch.Tensor,
+                        periodic: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`periodic_context` for the balanced features of phases, without materialising them.
+
+    With ``n1 = n2 = [cos, sin] * sqrt(a / F)`` (``features_from_angles(phase, a, balanced=True)``),
+    ``n1_i . sum_j n2_j = cs_i . (a/F * sum_j cs_j)`` and ``n1_i . n1_i = sum_f a_f / F``
+    (``cos^2 + sin^2 = 1``): two batched products on ``cs = [cos, sin]`` replace the scaled
+    feature tensors and their element-wise products. Equal to :func:`periodic_context` on those
+    features up to float rounding.
+
+    Shapes: ``cs [B, C, L, 2F]``, ``weight a [B, C, F]``, the rest as :func:`periodic_context`
+    -> ``[B, L, C]``.
+    """
+    keep = (~padding_mask).to(cs.dtype)  # [B, L]
+    num_freq = weight.shape[-1]
+    w = weight.to(cs.dtype).clamp_min(0.0) / num_freq  # [B, C, F], the squared feature scale
+    colsum = torch.einsum("bclf,bl->bcf", cs, keep)  # sum_j cs_j over real atoms
+    total = torch.einsum("bclf,bcf->bcl", cs, torch.cat([w, w], dim=-1) * colsum)
+    counts = keep.sum(1)  # [B]
+    est_self = w.sum(-1)[..., None]  # [B, C, 1]: n1_i . n1_i, the same for every atom
+    self_term = torch.where(periodic[:, None, None], f0.to(cs.dtype)[None, :, None], est_self)
+    out = total + (k0.to(cs.dtype) * counts[:, None])[..., None] - self_term
+    return (out * keep[:, None, :]).transpose(1, 2)
 
 
 def periodic_context_exact(rpe, pos: torch.Tensor, lattice, *, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -431,8 +464,6 @@ class IS2REModel(nn.Module):
 
     def _forward_reciprocal(self, batch: Any) -> dict[str, torch.Tensor | None]:
         """One token per atom; every geometric sum is a lattice sum (DESIGN §7)."""
-        from flt_mol.attention.rpe import features_from_angles
-
         z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
         pad = batch.padding_mask
         lattice = self.lattice(batch)
@@ -444,9 +475,10 @@ class IS2REModel(nn.Module):
             context = periodic_context_exact(rpe, pos, lattice, padding_mask=pad).to(pos.dtype)
         else:
             draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad)
-            n1, n2 = features_from_angles(draw.phase, rpe.periodic_weights(draw), balanced=True)
-            context = periodic_context(n1, n2, k0=rpe.periodic_k0(lattice), f0=rpe.amplitudes.sum(-1),
-                                       periodic=periodic, padding_mask=pad)
+            # cos / sin once, shared by the context and the displacement head.
+            cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
+            context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
+                                          f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
         h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice)
         energy = self._energy(h, tags, real)
         displacement = None
@@ -458,7 +490,7 @@ class IS2REModel(nn.Module):
                 # Frequencies in the input's coordinates: k_lab = k_frame @ F^T.
                 k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, lattice.frame)
                 displacement = periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab,
-                                                     query=q, key=k, padding_mask=pad).to(pos.dtype)
+                                                     query=q, key=k, padding_mask=pad, cos_sin=cs).to(pos.dtype)
         return {"energy": energy, "displacement": displacement}
 
     def _trunk(self, z, tags, context, pad, *, pos, **geometry) -> torch.Tensor:
