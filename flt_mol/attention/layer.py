@@ -239,7 +239,8 @@ class FLTAttention(nn.Module):
         return q, k, v
 
     def rpe_features(
-        self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None, *, lattice: PeriodicLattice | None = None
+        self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None, *, lattice: PeriodicLattice | None = None,
+        origin_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's RPE features ``(n1, n2)``, each ``[B, H, L, 2r]`` fp32, from its fixed noise.
 
@@ -252,7 +253,7 @@ class FLTAttention(nn.Module):
         with torch.autocast(device_type=pos.device.type, enabled=False):
             if lattice is not None:  # periodic: wrapped fractional phases, nothing to centre
                 return self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split,
-                                         lattice=lattice, padding_mask=padding_mask)
+                                         lattice=lattice, padding_mask=padding_mask, origin_weights=origin_weights)
             pos = center_positions(
                 pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
             )
@@ -262,6 +263,7 @@ class FLTAttention(nn.Module):
         self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *,
         with_values: bool = True, lattice: PeriodicLattice | None = None,
         rpe_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+        origin_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(phi(Q^), phi(K^), V)`` for the linear modes; features ``[B, H, L, m]`` in fp32.
 
@@ -273,7 +275,8 @@ class FLTAttention(nn.Module):
         device_type = x.device.type
         n1 = n2 = None
         if self.mode == "flt":
-            n1, n2 = rpe_features if rpe_features is not None else self.rpe_features(pos, padding_mask, lattice=lattice)
+            n1, n2 = rpe_features if rpe_features is not None else self.rpe_features(
+                pos, padding_mask, lattice=lattice, origin_weights=origin_weights)
         q = self._project_one(x, 0)
         with torch.autocast(device_type=device_type, enabled=False):
             q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
@@ -317,11 +320,14 @@ class FLTAttention(nn.Module):
         pbc: torch.Tensor | None = None,
         lattice: PeriodicLattice | None = None,
         rpe_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+        origin_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention over ``x``; periodic structures pass ``cell`` (``[B, 3, 3]``, rows = lattice
         vectors) and ``pbc`` (``[B, 3]`` or ``[3]`` bool, default a slab), or a prebuilt ``lattice``:
         the RPE is then the lattice sum ``f_per`` (DESIGN §7), exactly invariant to wrapping.
-        ``rpe_features``: this layer's :meth:`rpe_features` for the same positions, precomputed."""
+        ``rpe_features``: this layer's :meth:`rpe_features` for the same positions, precomputed;
+        ``origin_weights [B, L]``: the periodic features' canonical origin (see
+        :meth:`PeriodicLattice.fractional`), default all real atoms."""
         self._check_inputs(x, pos, padding_mask)
         lattice = self._lattice(x, cell, pbc, lattice) if self._uses_rpe() else None
         B, L, D = x.shape
@@ -338,7 +344,8 @@ class FLTAttention(nn.Module):
         else:
             # Projections run under the caller's autocast; the feature maps, RPE features and
             # sums run in fp32 (autocast off inside the feature code below).
-            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask, lattice=lattice, rpe_features=rpe_features)
+            phi_q, phi_k, v = self._linear_inputs(x, pos, padding_mask, lattice=lattice, rpe_features=rpe_features,
+                                                  origin_weights=origin_weights)
             out_dtype = v.dtype
             with torch.autocast(device_type=x.device.type, enabled=False):
                 keep = None

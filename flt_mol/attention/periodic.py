@@ -61,9 +61,10 @@ def reduce_cell_2d(a: torch.Tensor, b: torch.Tensor, normal: torch.Tensor) -> tu
     """Gauss-Lagrange reduction of the plane lattice ``(a, b)``, oriented right-handed about ``normal``.
 
     Returns ``(a', b')`` spanning the same lattice with ``|a'| <= |b'|``, ``|a'.b'| <= |a'|^2 / 2``
-    and ``(a' x b') . normal > 0``. The result is unique up to ``(a', b') -> (-a', -b')`` (a rotation
-    by pi about the normal, which every plane lattice has; the periodic features are made exactly
-    symmetric under it) and up to ties of symmetric lattices.
+    and ``(a' x b') . normal > 0``, and ``a'.b' > -|a'|^2/2`` at the rounding tie. The result is
+    unique up to ``(a', b') -> (-a', -b')`` (a rotation by pi about the normal, which every plane
+    lattice has; the periodic features are made exactly symmetric under it) and, on lattices with
+    several shortest vectors (square, hexagonal), up to which of them comes first.
 
     Shapes: ``a, b, normal [B, 3]`` fp64 -> two ``[B, 3]``.
     """
@@ -77,6 +78,10 @@ def reduce_cell_2d(a: torch.Tensor, b: torch.Tensor, normal: torch.Tensor) -> tu
         a, b = torch.where(swap[:, None], b, a), torch.where(swap[:, None], a, b)
     flip = _dot(torch.linalg.cross(a, b), normal) < 0
     b = torch.where(flip[:, None], -b, b)
+    # At the rounding tie a.b = -|a|^2/2 (hexagonal lattices among others) b and b + a are equally
+    # short: take the acute one, so that (a, b) and (a, b + a) reduce to the same basis.
+    obtuse_tie = _dot(a, b) < -0.5 * _dot(a, a) * (1.0 - 1e-6)
+    b = torch.where(obtuse_tie[:, None], b + a, b)
     return a, b
 
 
@@ -233,13 +238,26 @@ class PeriodicLattice:
     def to(self, device) -> "PeriodicLattice":
         return PeriodicLattice(*(t.to(device) for t in (self.frame, self.basis, self.periodic_dims, self.covolume)))
 
-    def fractional(self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Coordinates ``u`` with ``r_frame = u @ basis``, wrapped to ``[0, 1)`` on periodic directions.
+    def fractional(
+        self,
+        pos: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Coordinates ``u`` with ``r_frame = u @ basis``, measured from a canonical origin and wrapped
+        to ``[0, 1)`` on the periodic directions.
 
-        Non-periodic coordinates are frame coordinates minus their mean over real atoms (translation
-        invariance and small fp32 phases). Computed in fp64.
+        The origin makes ``u`` exactly invariant to translating the structure (as well as to
+        wrapping atoms): on a periodic direction it is the weighted circular mean of the atoms'
+        fractional coordinates, ``arg sum_i w_i exp(2 pi i u_ij) / 2 pi`` (invariant to wrapping,
+        shifts with a translation); on the others the weighted mean. Phase differences (the
+        mask) never depend on it; FAVOR+ features of ``[n1, q]`` do, so this is what makes the
+        periodic FLT attention translation invariant for one feature draw. It is ill-conditioned
+        only where the weighted first harmonic nearly vanishes (a clean n x n supercell with
+        uniform weights): weight a few distinguished atoms (the adsorbate) to avoid that.
 
-        Shapes: ``pos [B, L, 3]``, ``padding_mask [B, L]`` -> ``[B, L, 3]`` fp64.
+        Shapes: ``pos [B, L, 3]``, ``padding_mask [B, L]`` (True = pad), ``origin_weights [B, L]``
+        (default 1 on real atoms) -> ``[B, L, 3]`` fp64.
         """
         if pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[0] != self.num_structures:
             raise ValueError(f"pos must be [B, L, 3] with B = {self.num_structures}, got {tuple(pos.shape)}")
@@ -247,13 +265,17 @@ class PeriodicLattice:
         # r = u L with L lower-triangular: solve u L = r, i.e. L^T u^T = r^T (upper-triangular).
         u = torch.linalg.solve_triangular(self.basis.transpose(1, 2), r.transpose(1, 2), upper=True).transpose(1, 2)
         periodic = torch.arange(3, device=pos.device)[None, :] < self.periodic_dims[:, None]  # [B, 3]
-        if padding_mask is None:
-            keep = torch.ones(pos.shape[:2], dtype=u.dtype, device=u.device)
-        else:
-            keep = (~padding_mask).to(u.dtype)
-        centre = (u * keep[..., None]).sum(1, keepdim=True) / keep.sum(1).clamp_min(1.0)[:, None, None]
-        wrapped = u - torch.floor(u)
-        return torch.where(periodic[:, None, :], wrapped, u - centre)
+        w = torch.ones(pos.shape[:2], dtype=u.dtype, device=u.device)
+        if padding_mask is not None:
+            w = w * (~padding_mask).to(u.dtype)
+        if origin_weights is not None:
+            w = w * origin_weights.to(u.dtype)
+        w = w[..., None]  # [B, L, 1]
+        mean = (u * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-300)
+        turn = 2.0 * math.pi * u
+        circ = torch.atan2((w * torch.sin(turn)).sum(1, keepdim=True), (w * torch.cos(turn)).sum(1, keepdim=True))
+        centred = u - torch.where(periodic[:, None, :], circ / (2.0 * math.pi), mean)
+        return torch.where(periodic[:, None, :], centred - torch.floor(centred), centred)
 
     def images(self, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Lattice translations ``n @ basis`` with ``|n_j| <= ceil(cutoff |b*_j|)``, for every structure.

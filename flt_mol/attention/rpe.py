@@ -272,6 +272,7 @@ class SpectralRPE(nn.Module):
         pbc: torch.Tensor | None = None,
         lattice: PeriodicLattice | None = None,
         padding_mask: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random features ``(n1, n2)`` with ``E[n1 @ n2^T] = mask(pos_i - pos_j)`` per head.
 
@@ -291,8 +292,9 @@ class SpectralRPE(nn.Module):
             cell: ``[B, 3, 3]`` or ``[3, 3]`` lattice rows; ``pbc``: ``[B, 3]`` or ``[3]`` bool
                 (default ``(True, True, False)``, a slab). ``lattice``: the same, prebuilt with
                 :meth:`PeriodicLattice.from_cell` (reuse it across layers).
-            padding_mask: ``[B, L]`` (True = pad); periodic features only use it to centre the
-                non-periodic coordinates.
+            padding_mask: ``[B, L]`` (True = pad); ``origin_weights`` ``[B, L]``: periodic
+                features measure phases from the weighted canonical origin of
+                :meth:`PeriodicLattice.fractional` (the mask does not depend on it).
 
         Shapes: returns two ``[B, H, L, 2F]`` fp32 tensors.
         """
@@ -301,7 +303,7 @@ class SpectralRPE(nn.Module):
         noise = self._noise_for(num_features, generator, noise, pos.device)
         lattice = self._lattice_of(pos, cell, pbc, lattice)
         if lattice is not None:
-            draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask)
+            draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask, origin_weights=origin_weights)
             return features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced)
         xi, a = self.sample(noise)
         return rpe_features(pos, xi, a, balanced=balanced)
@@ -400,6 +402,7 @@ class SpectralRPE(nn.Module):
         lattice: PeriodicLattice,
         *,
         padding_mask: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None,
     ) -> PeriodicDraw:
         """Snap the noise's frequencies onto each structure's reciprocal lattice (DESIGN §7).
 
@@ -423,7 +426,7 @@ class SpectralRPE(nn.Module):
         q, k = snap_frequencies(xi_b, lattice.basis, P)
         log_p = periodic_mixture_log_density(k, sigma, lattice.basis, P)
         zero = (P == 3)[:, None, None] & (q == 0).all(-1)
-        u = lattice.fractional(pos, padding_mask)  # [B, L, 3] fp64
+        u = lattice.fractional(pos, padding_mask, origin_weights)  # [B, L, 3] fp64
         dtype = torch.promote_types(pos.dtype, torch.float32)
         # q . u in fp64, reduced mod 1 before the cast: fp32 phases then err by ~4e-7 rad
         # whatever the size of q . u (DESIGN §7).

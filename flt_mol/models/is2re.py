@@ -479,7 +479,11 @@ class IS2REModel(nn.Module):
             cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
             context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
                                           f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
-        h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice)
+        # Canonical origin of the attention features' phases (translation invariance of one
+        # draw): the adsorbate where there is one, else every atom.
+        ads = (tags == 2) & real
+        origin = torch.where(ads.any(1, keepdim=True), ads, real).to(pos.dtype)
+        h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice, origin_weights=origin)
         energy = self._energy(h, tags, real)
         displacement = None
         if self.disp_query is not None:
