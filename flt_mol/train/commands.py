@@ -68,8 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="structures per batch (default: the recipe's data.eval_batch_size)")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--chunk-atoms", type=int, default=None, metavar="N",
-                   help="batches with more tokens than this run in chunks of N atoms (reciprocal models; default "
-                   "32768): the same energies in memory linear in the atoms with a small constant")
+                   help="atoms per chunk when a batch has more than 65,536 tokens (reciprocal models; default "
+                   "2048): the same energies in memory linear in the atoms with a small constant")
     p.set_defaults(func=cmd_predict)
 
 

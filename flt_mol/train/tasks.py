@@ -410,13 +410,13 @@ class IS2RETask(Task):
                 ) -> tuple[list[Any], torch.Tensor, torch.Tensor | None]:
         """This rank's ``(ids, predicted energies [N] eV, targets [N] or None)`` over ``loader``.
 
-        Batches with more than ``chunk_atoms`` tokens (default
-        :data:`flt_mol.models.chunked.DEFAULT_CHUNK_ATOMS`) go through
-        :func:`flt_mol.models.chunked.chunked_energy` when the model supports it (reciprocal
-        periodicity, linear attention): the same energies in memory linear in the atoms with a
-        small constant (one hidden state, no per-atom random-feature tensors).
+        Batches with more than :data:`flt_mol.models.chunked.CHUNK_ABOVE` tokens go through
+        :func:`flt_mol.models.chunked.chunked_energy`, ``chunk_atoms`` atoms at a time (default
+        :data:`~flt_mol.models.chunked.DEFAULT_CHUNK_ATOMS`), when the model supports it
+        (reciprocal periodicity, linear attention): the same energies up to float rounding, in
+        memory linear in the atoms with a small constant (no per-atom random-feature tensors).
         """
-        from flt_mol.models.chunked import DEFAULT_CHUNK_ATOMS, chunked_energy, supports_chunked
+        from flt_mol.models.chunked import CHUNK_ABOVE, DEFAULT_CHUNK_ATOMS, chunked_energy, supports_chunked
 
         chunk = chunk_atoms if chunk_atoms is not None else DEFAULT_CHUNK_ATOMS
         chunkable = supports_chunked(model)
@@ -428,7 +428,7 @@ class IS2RETask(Task):
         device = next(model.parameters()).device
         for batch in loader:
             batch = batch.to(device)
-            if chunkable and batch.padding_mask.numel() > chunk:
+            if chunkable and batch.padding_mask.numel() > CHUNK_ABOVE:
                 energy = chunked_energy(model, batch, chunk_size=chunk)
             else:
                 energy = model(batch)["energy"]
