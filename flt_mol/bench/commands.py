@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     # Light modules: their heavy imports (torch, ase, lmdb) live inside their functions.
-    from flt_mol.bench import attention, data_pipeline, rpe, train_step
+    from flt_mol.bench import attention, data_pipeline, rpe, scaling, train_step
 
     p = sub.add_parser(
         "attention", help="forward time and peak memory vs length (paper Fig. 1)",
@@ -63,6 +63,15 @@ def add_parser(subparsers) -> None:
     )
     train_step.add_arguments(p)
     p.set_defaults(func=train_step.run)
+
+    p = sub.add_parser(
+        "scaling", help="time and memory of one IS2RE predict from 1k to 1M atoms, beside exact attention",
+        description="Time and peak memory of one prediction on Pt(111)+O slabs from 1k to 1M atoms (fresh "
+        "process per row, chunked inference above 65,536 tokens), beside exact attention measured on small "
+        "slabs and its a L^2 + b L fit extrapolated.",
+    )
+    scaling.add_arguments(p)
+    p.set_defaults(func=scaling.run)
 
     p = sub.add_parser("data", help="data pipeline throughput: read + periodic images + collate")
     data_pipeline.add_arguments(p)
