@@ -138,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
             "chunk_atoms": args.chunk_atoms, "threads": args.threads}
     jobs = [dict(base, attention="flt", side=n) for n in args.sides]
     jobs += [dict(base, attention="exact", side=n, checkpoint=None) for n in args.exact_sides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    # glibc's default allocator settings, as `flt-mol predict` runs (pinning MALLOC_MMAP_THRESHOLD_
+    # low, as the attention benchmark does, made the chunked rows ~2x slower: every chunk's
+    # temporaries became fresh page-faulting mappings).
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = []
     for spec in jobs:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
