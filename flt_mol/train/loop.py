@@ -101,6 +101,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every :class:`~flt_mol.models.blocks.TransformerBlock` of ``model`` in place
+    (``nn.Module.compile``: parameter names and state dicts unchanged), with dynamic shapes so
+    batches of other lengths do not recompile. Returns the number of blocks compiled."""
+    from flt_mol.models.blocks import TransformerBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def redraw_features(model: nn.Module, *, seed: int, step: int) -> None:
     """Call ``model.redraw_features(generator=...)`` if the model has random features."""
     redraw = getattr(unwrap(model), "redraw_features", None)
@@ -321,6 +333,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     else:
         seed_everything(config.run.seed + 1000 * dinfo.rank)  # dropout differs across ranks
 
+    if config.run.compile:
+        compile_blocks(model)
     ddp_model: nn.Module = model
     if dinfo.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -449,7 +463,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     return metrics
 
 
-_FREE_KEYS = {("run", "progress"), ("run", "device")}
+# Keys that change neither the data order nor the model: a run may be resumed with another value.
+_FREE_KEYS = {("run", "progress"), ("run", "device"), ("run", "compile")}
 
 
 def _check_same_config(config: TrainConfig, saved: dict[str, Any]) -> None:

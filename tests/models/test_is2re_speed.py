@@ -118,3 +118,12 @@ def test_chunked_energy_fp32_and_refusals():
         chunked_energy(model.train(), batch)
     assert not supports_chunked(tiny(periodic="images"))
     assert not supports_chunked(tiny(attention="exact"))
+
+
+def test_compile_blocks_keeps_parameter_names():
+    from flt_mol.train.loop import compile_blocks
+
+    model = tiny()
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == model.config.num_layers  # lazy: nothing is compiled until called
+    assert list(model.state_dict()) == keys
