@@ -98,7 +98,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
     colsum = torch.zeros(B, w.shape[1], 2 * num_freq, dtype=dtype, device=pos.device)
     for c in chunks:
         cs = _cos_sin(rpe.periodic_phase(u_ctx[:, c], draw.q, dtype))  # [B, C, l, 2F]
-        colsum += torch.einsum("bclf,bl->bcf", cs, keep[:, c])
+        colsum += torch.matmul(keep[:, None, None, c], cs)[:, :, 0]
     periodic = (lattice.periodic_dims > 0)[:, None, None]
     est_self = w.sum(-1)[..., None]  # [B, C, 1]
     self_term = torch.where(periodic, rpe.amplitudes.sum(-1).to(dtype)[None, :, None], est_self)

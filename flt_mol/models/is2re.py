@@ -250,7 +250,7 @@ def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Te
     # [B, C, L, F] temporaries besides cs (which the context shares, see periodic_context_cs).
     cs = cos_sin if cos_sin is not None else torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
     b = (key * keep[..., None]).transpose(1, 2).to(phase.dtype)  # [B, C, L]
-    sums = torch.einsum("bcl,bclf->bcf", b, cs)  # [C_f | S_f], [B, C, 2F]
+    sums = torch.matmul(b[:, :, None, :], cs)[:, :, 0]  # [C_f | S_f], [B, C, 2F] (no transposed copy of cs)
     scale = (2.0 * math.pi / num_freq) * weight.to(phase.dtype)  # [B, C, F]
     coef = torch.cat([scale * sums[..., num_freq:], -scale * sums[..., :num_freq]], dim=-1)  # [B, C, 2F]
     kk = k.to(phase.dtype)
@@ -275,8 +275,9 @@ def periodic_context_cs(cs: torch.Tensor, weight: torch.Tensor, *, k0: torch.Ten
     keep = (~padding_mask).to(cs.dtype)  # [B, L]
     num_freq = weight.shape[-1]
     w = weight.to(cs.dtype).clamp_min(0.0) / num_freq  # [B, C, F], the squared feature scale
-    colsum = torch.einsum("bclf,bl->bcf", cs, keep)  # sum_j cs_j over real atoms
-    total = torch.einsum("bclf,bcf->bcl", cs, torch.cat([w, w], dim=-1) * colsum)
+    # matmul, not einsum: einsum would copy cs transposed for the first product.
+    colsum = torch.matmul(keep[:, None, None, :], cs)[:, :, 0]  # sum_j cs_j over real atoms, [B, C, 2F]
+    total = torch.matmul(cs, (torch.cat([w, w], dim=-1) * colsum)[..., None])[..., 0]  # [B, C, L]
     counts = keep.sum(1)  # [B]
     est_self = w.sum(-1)[..., None]  # [B, C, 1]: n1_i . n1_i, the same for every atom
     self_term = torch.where(periodic[:, None, None], f0.to(cs.dtype)[None, :, None], est_self)
