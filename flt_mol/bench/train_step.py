@@ -124,7 +124,7 @@ class _Stepper:
         loss.backward()
         t2 = time.perf_counter()
         if self.config.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         t3 = time.perf_counter()
