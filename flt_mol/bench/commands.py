@@ -1,9 +1,11 @@
-"""``flt-mol bench {attention, rpe, data}``.
+"""``flt-mol bench {attention, rpe, data, train-step, scaling}``.
 
 ``attention``: speed / peak memory of one pre-LN layer per attention method (paper Fig. 1), see
 :mod:`flt_mol.bench.attention`. ``rpe``: max-norm error of the RPE random features versus r (paper
 Thm 4.2), see :mod:`flt_mol.bench.rpe`. ``data``: the data-pipeline benchmark of
-:mod:`flt_mol.bench.data_pipeline`.
+:mod:`flt_mol.bench.data_pipeline`. ``train-step``: one IS2RE training step phase by phase
+(:mod:`flt_mol.bench.train_step`). ``scaling``: one prediction from 1k to 1M atoms beside exact
+attention (:mod:`flt_mol.bench.scaling`).
 """
 
 from __future__ import annotations

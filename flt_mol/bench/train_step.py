@@ -104,6 +104,7 @@ class _Stepper:
         g = torch.Generator().manual_seed(0)
         perm = torch.randperm(len(ds), generator=g).tolist()
         bs = task.batch_size
+        num_batches = max(1, min(num_batches, len(ds) // bs))
         self.items = [[ds[i] for i in perm[k * bs:(k + 1) * bs]] for k in range(num_batches)]
         self.collate = collate
         self.batches = [collate(items) for items in self.items]
