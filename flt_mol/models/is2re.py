@@ -152,9 +152,9 @@ def gaussian_context(n1: torch.Tensor, n2: torch.Tensor, *, padding_mask: torch.
     (zero on padded rows).
     """
     keep = (~padding_mask).to(n1.dtype)  # [B, L]
-    n2 = n2 * keep[:, None, :, None]
-    total = torch.einsum("bcif,bcf->bci", n1, n2.sum(dim=2))
-    self_term = (n1 * n2).sum(-1)  # the j = i term, which sum_j includes
+    colsum = torch.matmul(keep[:, None, None, :], n2)  # sum over real j of n2_j, [B, C, 1, F]
+    total = torch.matmul(n1, colsum.transpose(-1, -2))[..., 0]  # [B, C, L]
+    self_term = (n1 * n2).sum(-1)  # the j = i term, which sum_j includes (zeroed below on pads)
     return ((total - self_term) * keep[:, None, :]).transpose(1, 2)
 
 
@@ -184,13 +184,14 @@ def displacement_sum(n1: torch.Tensor, n2: torch.Tensor, *, pos: torch.Tensor, q
     ``padding_mask [B, L]`` -> ``[B, L, 3]``.
     """
     keep = (~padding_mask).to(n1.dtype)
-    # Two-operand contractions only (three-operand einsums pick slow paths here).
-    w2 = n2 * (key * keep[..., None]).transpose(1, 2)[..., None]  # [B, C, L, F]; pads contribute 0
-    s_vec = torch.einsum("bcjf,bjx->bcfx", w2, pos)  # sum_j b_j n2_j r_j^T
-    s_one = w2.sum(dim=2)  # sum_j b_j n2_j, [B, C, F]
-    term_vec = torch.einsum("bcif,bcfx->bcix", n1, s_vec)
-    term_one = torch.einsum("bcif,bcf->bci", n1, s_one)
-    per_channel = term_vec - pos[:, None] * term_one[..., None]  # [B, C, L, 3]
+    # Both sums in one product: sum_j n2_j^T (b_j [r_j, 1]) = [sum_j b_j n2_j r_j^T | sum_j b_j n2_j],
+    # [B, C, F, 4], without a scaled copy of n2 (matrix products only: three-operand einsums
+    # and element-wise products of [B, C, L, F] tensors cost more here).
+    b = (key * keep[..., None]).transpose(1, 2)[..., None]  # [B, C, L, 1]; pads contribute 0
+    pos1 = torch.cat([pos, torch.ones_like(pos[..., :1])], dim=-1).to(n2.dtype)  # [B, L, 4]
+    sums = torch.matmul(n2.transpose(-1, -2), b * pos1[:, None])  # [B, C, F, 4]
+    terms = torch.matmul(n1, sums)  # [B, C, L, 4]
+    per_channel = terms[..., :3] - pos[:, None] * terms[..., 3:]  # [B, C, L, 3]
     out = (per_channel * query.transpose(1, 2)[..., None]).sum(dim=1)
     return out * keep[..., None]
 
