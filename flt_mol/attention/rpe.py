@@ -28,7 +28,7 @@ cos/sin split). Einsum letters: b batch, h heads, l positions, f features, i coo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -436,12 +436,21 @@ class SpectralRPE(nn.Module):
 
         Shapes: ``pos [B, L, 3]``, ``noise [H, F, w]`` -> :class:`PeriodicDraw`.
         """
+        lattice = lattice.to(pos.device)
+        draw = self.periodic_frequencies(noise, lattice)
+        u, frame = lattice.orient(pos, padding_mask, origin_weights)  # [B, L, 3], [B, 3, 3] fp64
+        phase = self.periodic_phase(u, draw.q, torch.promote_types(pos.dtype, torch.float32))
+        return replace(draw, phase=phase, frame=frame)
+
+    def periodic_frequencies(self, noise: torch.Tensor, lattice: PeriodicLattice) -> PeriodicDraw:
+        """The per-structure part of :meth:`periodic_draw`: frequencies, proposal and ``k = 0`` flags,
+        with an empty ``phase`` (``[B, H, 0, F]``); :meth:`periodic_phase` gives the phases of any
+        subset of atoms (chunked inference over very large structures)."""
         if self.dim != 3:
             raise ValueError(f"periodic features need dim=3 positions, this RPE has dim={self.dim}")
         xi, sigma = self.periodic_proposal(noise)
         xi, sigma = xi.detach().double(), sigma.detach().double()
-        B, (H, F, _) = pos.shape[0], xi.shape
-        lattice = lattice.to(pos.device)
+        H, F, _ = xi.shape
         P = lattice.periodic_dims
         half = F // 2
         flipped = torch.cat([xi[:, :half], xi[:, :half] * xi.new_tensor([1.0, 1.0, -1.0]), xi[:, 2 * half:]], dim=1)
@@ -449,13 +458,21 @@ class SpectralRPE(nn.Module):
         q, k = snap_frequencies(xi_b, lattice.basis, P)
         log_p = periodic_mixture_log_density(k, sigma, lattice.basis, P)
         zero = (P == 3)[:, None, None] & (q == 0).all(-1)
-        u, frame = lattice.orient(pos, padding_mask, origin_weights)  # [B, L, 3], [B, 3, 3] fp64
-        dtype = torch.promote_types(pos.dtype, torch.float32)
-        # q . u in fp64, reduced mod 1 before the cast: fp32 phases then err by ~4e-7 rad
-        # whatever the size of q . u (DESIGN §7).
+        phase = torch.zeros(q.shape[0], H, 0, F, dtype=torch.float32, device=q.device)
+        return PeriodicDraw(q=q, k=k, log_p=log_p, zero=zero, phase=phase, lattice=lattice, frame=lattice.frame)
+
+    @staticmethod
+    def periodic_phase(u: torch.Tensor, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Phases ``2 pi (q . u mod 1)`` of fractional coordinates ``u [B, L, 3]`` (fp64) for the
+        frequencies ``q [B, H, F, 3]``, ``[B, H, L, F]`` in ``dtype``.
+
+        ``q . u`` in fp64, reduced mod 1 before the cast: fp32 phases then err by ~4e-7 rad
+        whatever the size of ``q . u`` (DESIGN §7). The reduction keeps the sign (``frac``, in
+        ``(-1, 1)``: a whole turn less than ``remainder(., 1)`` for negative ``q . u``, the same
+        cos and sin; measured 6x cheaper than ``remainder`` in fp64).
+        """
         turns = torch.einsum("bli,bhfi->bhlf", u, q)
-        phase = (2.0 * math.pi) * torch.remainder(turns, 1.0).to(dtype)
-        return PeriodicDraw(q=q, k=k, log_p=log_p, zero=zero, phase=phase, lattice=lattice, frame=frame)
+        return (2.0 * math.pi) * torch.frac(turns).to(dtype)
 
     def periodic_weights(self, draw: PeriodicDraw, moment: int = 0) -> torch.Tensor:
         """Importance weights ``a = ghat(k) / (V_P p(q))`` (``moment=2``: ``sum_t s_t^2 ghat_t``), 0 at ``k = 0``.

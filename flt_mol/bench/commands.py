@@ -1,9 +1,11 @@
-"""``flt-mol bench {attention, rpe, data}``.
+"""``flt-mol bench {attention, rpe, data, train-step, scaling}``.
 
 ``attention``: speed / peak memory of one pre-LN layer per attention method (paper Fig. 1), see
 :mod:`flt_mol.bench.attention`. ``rpe``: max-norm error of the RPE random features versus r (paper
 Thm 4.2), see :mod:`flt_mol.bench.rpe`. ``data``: the data-pipeline benchmark of
-:mod:`flt_mol.bench.data_pipeline`.
+:mod:`flt_mol.bench.data_pipeline`. ``train-step``: one IS2RE training step phase by phase
+(:mod:`flt_mol.bench.train_step`). ``scaling``: one prediction from 1k to 1M atoms beside exact
+attention (:mod:`flt_mol.bench.scaling`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def add_parser(subparsers) -> None:
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     # Light modules: their heavy imports (torch, ase, lmdb) live inside their functions.
-    from flt_mol.bench import attention, data_pipeline, rpe
+    from flt_mol.bench import attention, data_pipeline, rpe, scaling, train_step
 
     p = sub.add_parser(
         "attention", help="forward time and peak memory vs length (paper Fig. 1)",
@@ -54,6 +56,24 @@ def add_parser(subparsers) -> None:
     )
     rpe.add_arguments(p)
     p.set_defaults(func=_run_rpe)
+
+    p = sub.add_parser(
+        "train-step", help="one IS2RE training step: phases, top operators, tokens/s, FLOP bound",
+        description="Time one training step of a recipe (default recipes/emt_is2re_flt.yaml) phase by phase, "
+        "list the top operators from torch.profiler, count its FLOPs and compare with this machine's fp32 "
+        "FLOP rate; --compare times other checkouts beside it, alternating.",
+    )
+    train_step.add_arguments(p)
+    p.set_defaults(func=train_step.run)
+
+    p = sub.add_parser(
+        "scaling", help="time and memory of one IS2RE predict from 1k to 1M atoms, beside exact attention",
+        description="Time and peak memory of one prediction on Pt(111)+O slabs from 1k to 1M atoms (fresh "
+        "process per row, chunked inference above 65,536 tokens), beside exact attention measured on small "
+        "slabs and its a L^2 + b L fit extrapolated.",
+    )
+    scaling.add_arguments(p)
+    p.set_defaults(func=scaling.run)
 
     p = sub.add_parser("data", help="data pipeline throughput: read + periodic images + collate")
     data_pipeline.add_arguments(p)

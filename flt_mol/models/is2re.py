@@ -45,6 +45,7 @@ __all__ = [
     "displacement_sum_exact",
     "periodic_context",
     "periodic_context_exact",
+    "periodic_context_cs",
     "periodic_displacement",
     "periodic_displacement_exact",
     "energy_readout",
@@ -128,9 +129,9 @@ def gaussian_context(n1: torch.Tensor, n2: torch.Tensor, *, padding_mask: torch.
     (zero on padded rows).
     """
     keep = (~padding_mask).to(n1.dtype)  # [B, L]
-    n2 = n2 * keep[:, None, :, None]
-    total = torch.einsum("bcif,bcf->bci", n1, n2.sum(dim=2))
-    self_term = (n1 * n2).sum(-1)  # the j = i term, which sum_j includes
+    colsum = torch.matmul(keep[:, None, None, :], n2)  # sum over real j of n2_j, [B, C, 1, F]
+    total = torch.matmul(n1, colsum.transpose(-1, -2))[..., 0]  # [B, C, L]
+    self_term = (n1 * n2).sum(-1)  # the j = i term, which sum_j includes (zeroed below on pads)
     return ((total - self_term) * keep[:, None, :]).transpose(1, 2)
 
 
@@ -160,13 +161,14 @@ def displacement_sum(n1: torch.Tensor, n2: torch.Tensor, *, pos: torch.Tensor, q
     ``padding_mask [B, L]`` -> ``[B, L, 3]``.
     """
     keep = (~padding_mask).to(n1.dtype)
-    # Two-operand contractions only (three-operand einsums pick slow paths here).
-    w2 = n2 * (key * keep[..., None]).transpose(1, 2)[..., None]  # [B, C, L, F]; pads contribute 0
-    s_vec = torch.einsum("bcjf,bjx->bcfx", w2, pos)  # sum_j b_j n2_j r_j^T
-    s_one = w2.sum(dim=2)  # sum_j b_j n2_j, [B, C, F]
-    term_vec = torch.einsum("bcif,bcfx->bcix", n1, s_vec)
-    term_one = torch.einsum("bcif,bcf->bci", n1, s_one)
-    per_channel = term_vec - pos[:, None] * term_one[..., None]  # [B, C, L, 3]
+    # Both sums in one product: sum_j n2_j^T (b_j [r_j, 1]) = [sum_j b_j n2_j r_j^T | sum_j b_j n2_j],
+    # [B, C, F, 4], without a scaled copy of n2 (matrix products only: three-operand einsums
+    # and element-wise products of [B, C, L, F] tensors cost more here).
+    b = (key * keep[..., None]).transpose(1, 2)[..., None]  # [B, C, L, 1]; pads contribute 0
+    pos1 = torch.cat([pos, torch.ones_like(pos[..., :1])], dim=-1).to(n2.dtype)  # [B, L, 4]
+    sums = torch.matmul(n2.transpose(-1, -2), b * pos1[:, None])  # [B, C, F, 4]
+    terms = torch.matmul(n1, sums)  # [B, C, L, 4]
+    per_channel = terms[..., :3] - pos[:, None] * terms[..., 3:]  # [B, C, L, 3]
     out = (per_channel * query.transpose(1, 2)[..., None]).sum(dim=1)
     return out * keep[..., None]
 
@@ -205,7 +207,8 @@ def periodic_context(n1: torch.Tensor, n2: torch.Tensor, *, k0: torch.Tensor, f0
 
 
 def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, *, query: torch.Tensor,
-                          key: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+                          key: torch.Tensor, padding_mask: torch.Tensor,
+                          cos_sin: torch.Tensor | None = None) -> torch.Tensor:
     """Periodic displacement head: ``d_i = sum_c a_ic sum_j b_jc sum_n (D + nA) f_c(D + nA)``, ``D = r_j - r_i``.
 
     For a Gaussian basis ``x f(x) = -s^2 grad f(x)``, so the lattice sum is the sine series
@@ -215,17 +218,49 @@ def periodic_displacement(phase: torch.Tensor, weight: torch.Tensor, k: torch.Te
     atom by a lattice vector changes nothing (the phases are wrapped).
 
     Shapes: ``phase [B, C, L, F]``, ``weight [B, C, F]``, ``k [B, C, F, 3]`` (the frequencies in the
-    output's coordinates), ``query a, key b [B, L, C]``, ``padding_mask [B, L]`` -> ``[B, L, 3]``.
+    output's coordinates), ``query a, key b [B, L, C]``, ``padding_mask [B, L]`` -> ``[B, L, 3]``;
+    ``cos_sin``: ``[cos phase, sin phase]`` (``[B, C, L, 2F]``) when the caller already has it.
     """
     keep = (~padding_mask).to(phase.dtype)
-    cos, sin = torch.cos(phase), torch.sin(phase)
-    b = (key * keep[..., None]).transpose(1, 2)[..., None].to(phase.dtype)  # [B, C, L, 1]
-    S, C = (b * sin).sum(2), (b * cos).sum(2)  # [B, C, F]
-    scale = (2.0 * math.pi / phase.shape[-1]) * weight.to(phase.dtype)  # [B, C, F]
-    per = cos * (scale * S)[:, :, None, :] - sin * (scale * C)[:, :, None, :]  # [B, C, L, F]
-    vec = torch.einsum("bclf,bcfx->bclx", per, k.to(phase.dtype))  # [B, C, L, 3]
-    out = (vec * query.transpose(1, 2)[..., None].to(phase.dtype)).sum(dim=1)
+    num_freq = phase.shape[-1]
+    # cs = [cos | sin]; with S_f, C_f the b-weighted sums of sin and cos, the per-atom vector is
+    # cos @ (w S k) - sin @ (w C k) = cs @ [w S k ; -w C k]: two batched matrix products, no
+    # [B, C, L, F] temporaries besides cs (which the context shares, see periodic_context_cs).
+    cs = cos_sin if cos_sin is not None else torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+    b = (key * keep[..., None]).transpose(1, 2).to(phase.dtype)  # [B, C, L]
+    sums = torch.matmul(b[:, :, None, :], cs)[:, :, 0]  # [C_f | S_f], [B, C, 2F] (no transposed copy of cs)
+    scale = (2.0 * math.pi / num_freq) * weight.to(phase.dtype)  # [B, C, F]
+    coef = torch.cat([scale * sums[..., num_freq:], -scale * sums[..., :num_freq]], dim=-1)  # [B, C, 2F]
+    kk = k.to(phase.dtype)
+    vec = torch.matmul(cs, coef[..., None] * torch.cat([kk, kk], dim=-2))  # [B, C, L, 3]
+    out = torch.einsum("bclx,blc->blx", vec, query.to(phase.dtype))
     return out * keep[..., None]
+
+
+def periodic_context_cs(cs: torch.Tensor, weight: torch.Tensor, *, k0: torch.Tensor, f0: torch.Tensor,
+                        periodic: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`periodic_context` for the balanced features of phases, without materialising them.
+
+    With ``n1 = n2 = [cos, sin] * sqrt(a / F)`` (``features_from_angles(phase, a, balanced=True)``),
+    ``n1_i . sum_j n2_j = cs_i . (a/F * sum_j cs_j)`` and ``n1_i . n1_i = sum_f a_f / F``
+    (``cos^2 + sin^2 = 1``): two batched products on ``cs = [cos, sin]`` replace the scaled
+    feature tensors and their element-wise products. Equal to :func:`periodic_context` on those
+    features up to float rounding.
+
+    Shapes: ``cs [B, C, L, 2F]``, ``weight a [B, C, F]``, the rest as :func:`periodic_context`
+    -> ``[B, L, C]``.
+    """
+    keep = (~padding_mask).to(cs.dtype)  # [B, L]
+    num_freq = weight.shape[-1]
+    w = weight.to(cs.dtype).clamp_min(0.0) / num_freq  # [B, C, F], the squared feature scale
+    # matmul, not einsum: einsum would copy cs transposed for the first product.
+    colsum = torch.matmul(keep[:, None, None, :], cs)[:, :, 0]  # sum_j cs_j over real atoms, [B, C, 2F]
+    total = torch.matmul(cs, (torch.cat([w, w], dim=-1) * colsum)[..., None])[..., 0]  # [B, C, L]
+    counts = keep.sum(1)  # [B]
+    est_self = w.sum(-1)[..., None]  # [B, C, 1]: n1_i . n1_i, the same for every atom
+    self_term = torch.where(periodic[:, None, None], f0.to(cs.dtype)[None, :, None], est_self)
+    out = total + (k0.to(cs.dtype) * counts[:, None])[..., None] - self_term
+    return (out * keep[:, None, :]).transpose(1, 2)
 
 
 def periodic_context_exact(rpe, pos: torch.Tensor, lattice, *, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -408,8 +443,6 @@ class IS2REModel(nn.Module):
 
     def _forward_reciprocal(self, batch: Any) -> dict[str, torch.Tensor | None]:
         """One token per atom; every geometric sum is a lattice sum (DESIGN §7)."""
-        from flt_mol.attention.rpe import features_from_angles
-
         z, pos, tags = batch.atomic_numbers, batch.pos, batch.tags.long()
         pad = batch.padding_mask
         lattice = self.lattice(batch)
@@ -421,9 +454,10 @@ class IS2REModel(nn.Module):
             context = periodic_context_exact(rpe, pos, lattice, padding_mask=pad).to(pos.dtype)
         else:
             draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad)
-            n1, n2 = features_from_angles(draw.phase, rpe.periodic_weights(draw), balanced=True)
-            context = periodic_context(n1, n2, k0=rpe.periodic_k0(lattice), f0=rpe.amplitudes.sum(-1),
-                                       periodic=periodic, padding_mask=pad)
+            # cos / sin once, shared by the context and the displacement head.
+            cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
+            context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
+                                          f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
         # Canonical origin of the attention features' phases (translation invariance of one
         # draw): the adsorbate where there is one, else every atom.
         ads = (tags == 2) & real
@@ -439,7 +473,7 @@ class IS2REModel(nn.Module):
                 # Frequencies in the input's coordinates: k_lab = k_frame @ F^T.
                 k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, draw.frame)
                 displacement = periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab,
-                                                     query=q, key=k, padding_mask=pad).to(pos.dtype)
+                                                     query=q, key=k, padding_mask=pad, cos_sin=cs).to(pos.dtype)
         return {"energy": energy, "displacement": displacement}
 
     def _trunk(self, z, tags, context, pad, *, pos, **geometry) -> torch.Tensor:

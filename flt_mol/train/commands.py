@@ -67,6 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="structures per batch (default: the recipe's data.eval_batch_size)")
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--chunk-atoms", type=int, default=None, metavar="N",
+                   help="atoms per chunk when a batch has more than 65,536 tokens (reciprocal models; default "
+                   "2048): the same energies in memory linear in the atoms with a small constant")
     p.set_defaults(func=cmd_predict)
 
 
@@ -162,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     task, model = load_for_inference(args.checkpoint, args.device, task="is2re")
     loader = _loader(task, args.data, args.batch_size)
-    ids, energy, _ = task.predict(model, loader)
+    ids, energy, _ = task.predict(model, loader, chunk_atoms=args.chunk_atoms)
     # OC20 submissions use string system ids; structures without a sid get their index.
     ids = [str(s) if int(s) >= 0 else str(i) for i, s in enumerate(ids)]
     out = Path(args.out)

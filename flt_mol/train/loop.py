@@ -101,6 +101,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every :class:`~flt_mol.models.blocks.TransformerBlock` of ``model`` in place
+    (``nn.Module.compile``: parameter names and state dicts unchanged), with dynamic shapes so
+    batches of other lengths do not recompile. Returns the number of blocks compiled."""
+    from flt_mol.models.blocks import TransformerBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def redraw_features(model: nn.Module, *, seed: int, step: int) -> None:
     """Call ``model.redraw_features(generator=...)`` if the model has random features."""
     redraw = getattr(unwrap(model), "redraw_features", None)
@@ -192,7 +204,12 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
         {"params": no_decay, "weight_decay": 0.0},
     ]
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # The fused kernel (one pass over every parameter; CPU and CUDA): measured 0.5 ms against
+    # 1.8 ms per step (clip + step) on the EMT demo model's 45 small tensors; the same update up
+    # to float rounding.
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return cls(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
@@ -321,6 +338,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     else:
         seed_everything(config.run.seed + 1000 * dinfo.rank)  # dropout differs across ranks
 
+    if config.run.compile:
+        compile_blocks(model)
     ddp_model: nn.Module = model
     if dinfo.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -382,7 +401,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip is not None:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
             logs["grad_norm"] = float(gnorm)
         optimizer.step()
         scheduler.step()
@@ -449,7 +468,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     return metrics
 
 
-_FREE_KEYS = {("run", "progress"), ("run", "device")}
+# Keys that change neither the data order nor the model: a run may be resumed with another value.
+_FREE_KEYS = {("run", "progress"), ("run", "device"), ("run", "compile")}
 
 
 def _check_same_config(config: TrainConfig, saved: dict[str, Any]) -> None:

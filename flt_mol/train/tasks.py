@@ -406,8 +406,20 @@ class IS2RETask(Task):
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, model: nn.Module, loader: Any) -> tuple[list[Any], torch.Tensor, torch.Tensor | None]:
-        """This rank's ``(ids, predicted energies [N] eV, targets [N] or None)`` over ``loader``."""
+    def predict(self, model: nn.Module, loader: Any, *, chunk_atoms: int | None = None
+                ) -> tuple[list[Any], torch.Tensor, torch.Tensor | None]:
+        """This rank's ``(ids, predicted energies [N] eV, targets [N] or None)`` over ``loader``.
+
+        Batches with more than :data:`flt_mol.models.chunked.CHUNK_ABOVE` tokens go through
+        :func:`flt_mol.models.chunked.chunked_energy`, ``chunk_atoms`` atoms at a time (default
+        :data:`~flt_mol.models.chunked.DEFAULT_CHUNK_ATOMS`), when the model supports it
+        (reciprocal periodicity, linear attention): the same energies up to float rounding, in
+        memory linear in the atoms with a small constant (no per-atom random-feature tensors).
+        """
+        from flt_mol.models.chunked import CHUNK_ABOVE, DEFAULT_CHUNK_ATOMS, chunked_energy, supports_chunked
+
+        chunk = chunk_atoms if chunk_atoms is not None else DEFAULT_CHUNK_ATOMS
+        chunkable = supports_chunked(model)
         was_training = model.training
         model.eval()
         ids: list[Any] = []
@@ -416,8 +428,11 @@ class IS2RETask(Task):
         device = next(model.parameters()).device
         for batch in loader:
             batch = batch.to(device)
-            out = model(batch)
-            preds.append(self.normalizer.denormalize(out["energy"].float(), self._reference(batch)).cpu())
+            if chunkable and batch.padding_mask.numel() > CHUNK_ABOVE:
+                energy = chunked_energy(model, batch, chunk_size=chunk)
+            else:
+                energy = model(batch)["energy"]
+            preds.append(self.normalizer.denormalize(energy.float(), self._reference(batch)).cpu())
             if batch.y_relaxed is None:
                 has_targets = False
             else:

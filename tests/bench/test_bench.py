@@ -122,7 +122,7 @@ def _subcommands(parser):
 def test_every_bench_subcommand_is_registered():
     parser = argparse.ArgumentParser()
     commands.add_parser(parser.add_subparsers())
-    assert _subcommands(parser) == {"attention", "rpe", "data"}
+    assert _subcommands(parser) == {"attention", "rpe", "data", "train-step", "scaling"}
 
 
 def test_bench_without_subcommand_prints_help(capsys):
@@ -136,3 +136,29 @@ def test_method_outgrowing_the_budget_gets_a_null_row(tmp_path):
     (row,) = bench_attention.run_rows(args, log=lambda *_: None)
     assert row["forward_s"] is None and row["peak_mem_mb"] is None
     assert "out of memory" in row["reason"]
+
+
+def test_train_step_bench_runs_one_code_base(tmp_path):
+    """Two timed steps of a tiny recipe in a worker process: every field is there (no timing asserted)."""
+    from flt_mol.bench import train_step
+
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--warmup", "1", "--profile-steps", "1", "--top", "3",
+                              "--out", str(tmp_path / "ts.json"), "data.max_train_items=64",
+                              "model.periodic=reciprocal", "data.periodic_images=false"])
+    assert train_step.run(args) == 0
+    (row,) = json.loads((tmp_path / "ts.json").read_text())
+    for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "tokens_per_s", "flops", "bound_ratio"):
+        assert row[key] > 0
+    assert len(row["top_ops"]) == 3
+
+
+def test_scaling_slab_has_oc20_tags_and_one_adsorbate():
+    from flt_mol.bench.scaling import pt111_slab
+
+    atoms = pt111_slab(3, 3)
+    assert len(atoms) == 3 * 3 * 4 + 1
+    tags = atoms.get_tags()
+    assert (tags == 2).sum() == 1 and (tags == 1).sum() == 9 and (tags == 0).sum() == 27
+    assert list(atoms.pbc) == [True, True, False]
