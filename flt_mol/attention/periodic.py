@@ -244,16 +244,20 @@ class PeriodicLattice:
         pos: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         origin_weights: torch.Tensor | None = None,
+        *,
+        sign: str = "structure",
     ) -> torch.Tensor:
         """Coordinates ``u`` with ``r_frame = u @ basis`` from a canonical origin, wrapped to ``[0, 1)``
         on the periodic directions (the first output of :meth:`orient`). Shapes: ``[B, L, 3]`` fp64."""
-        return self.orient(pos, padding_mask, origin_weights)[0]
+        return self.orient(pos, padding_mask, origin_weights, sign=sign)[0]
 
     def orient(
         self,
         pos: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         origin_weights: torch.Tensor | None = None,
+        *,
+        sign: str = "structure",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Canonical coordinates of a structure: ``(u [B, L, 3] fp64, frame [B, 3, 3] fp64)``.
 
@@ -271,7 +275,11 @@ class PeriodicLattice:
         structure: an odd function of the centred coordinates (a fixed random combination of
         ``sum_i sin(2 pi m . u_i)`` over small ``m``) must be positive. Both bases then give the
         same features, not only the same mask; a structure symmetric under that rotation looks
-        the same either way (atoms are told apart by position only). ``frame`` is the cell frame with ``e1, e2`` negated where the sign
+        the same either way (atoms are told apart by position only). The choice is discontinuous
+        where the probe crosses 0 (a jump of feature-noise size in the FLT output): ``sign="basis"``
+        keeps the reduced basis as it is instead, for functions that must be smooth in the positions
+        (a potential whose forces are its gradient); the mask and the sums over atoms are the same
+        either way, only one FLT attention draw then depends on the sign of the plane basis. ``frame`` is the cell frame with ``e1, e2`` negated where the sign
         was flipped: frequencies ``k`` (frame coordinates) map to ``k @ frame^T`` in the input's.
 
         Shapes: ``pos [B, L, 3]``, ``padding_mask [B, L]`` (True = pad), ``origin_weights [B, L]``
@@ -297,7 +305,9 @@ class PeriodicLattice:
         zs = 2.0 * math.pi * u[..., 2:3] / lengths  # [B, L, Z]: heights (slabs: centred, in A)
         heights = torch.cat([keep[..., None], keep[..., None] * torch.cos(zs), keep[..., None] * torch.sin(zs)], -1)
         odd = ((torch.sin(2.0 * math.pi * (u[..., :2] @ harmonics.T)) @ coef) * heights).sum((1, 2))  # [B]
-        flip = (self.periodic_dims == 2) & (odd < 0)  # [B]
+        if sign not in ("structure", "basis"):
+            raise ValueError(f"sign must be 'structure' or 'basis', got {sign!r}")
+        flip = (self.periodic_dims == 2) & (odd < 0) & (sign == "structure")  # [B]
         u = torch.where(flip[:, None, None] & periodic[:, None, :], torch.remainder(-u, 1.0), u)
         sign = torch.ones(pos.shape[0], 3, dtype=u.dtype, device=u.device)
         sign[:, :2] = torch.where(flip, -1.0, 1.0)[:, None]

@@ -183,6 +183,10 @@ class SpectralRPE(nn.Module):
     """
 
     nonnegative_spectrum: bool = False
+    #: How periodic features fix the sign of a slab's plane basis (``PeriodicLattice.orient``):
+    #: ``"structure"`` (exactly invariant to ``(a, b) -> (-a, -b)`` for one draw, discontinuous where
+    #: the structure's odd probe crosses 0) or ``"basis"`` (smooth in the positions).
+    periodic_sign: str = "structure"
     #: True when positions must be integers (lattice families); callers shift only by integers.
     integer_positions: bool = False
 
@@ -438,7 +442,7 @@ class SpectralRPE(nn.Module):
         """
         lattice = lattice.to(pos.device)
         draw = self.periodic_frequencies(noise, lattice)
-        u, frame = lattice.orient(pos, padding_mask, origin_weights)  # [B, L, 3], [B, 3, 3] fp64
+        u, frame = lattice.orient(pos, padding_mask, origin_weights, sign=self.periodic_sign)  # fp64
         phase = self.periodic_phase(u, draw.q, torch.promote_types(pos.dtype, torch.float32))
         return replace(draw, phase=phase, frame=frame)
 

@@ -89,7 +89,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
 
     # -- context: c_i = cs_i . (w * sum_j cs_j) + k0 n - f(0) (periodic_context_cs, two passes) ---
     rpe = model.context_rpe
-    u_ctx = lattice.fractional(pos, pad)  # [B, L, 3] fp64 (the context draw's own origin)
+    u_ctx = lattice.fractional(pos, pad, sign=model.context_rpe.periodic_sign)  # [B, L, 3] fp64 (the context draw's own origin)
     draw = rpe.periodic_frequencies(model.context_noise, lattice)
     weight = rpe.periodic_weights(draw).to(dtype)  # [B, C, F]
     num_freq = weight.shape[-1]
@@ -118,7 +118,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
     # -- the layer stack, blocks times, two passes per layer --------------------------------------
     ads = (tags == 2) & real
     origin = torch.where(ads.any(1, keepdim=True), ads, real).to(pos.dtype)
-    u_att = lattice.fractional(pos, pad, origin)  # [B, L, 3] fp64, the attention draws' origin
+    u_att = lattice.fractional(pos, pad, origin, sign=model.rpe.periodic_sign if model.rpe is not None else "structure")  # fp64
     per_layer = []
     for layer in model.layers:
         attn = layer.attention

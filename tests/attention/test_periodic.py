@@ -449,3 +449,26 @@ def test_periodic_estimate_converges_to_the_lattice_sum():
 
     small, large = err(8), err(512)
     assert large < small / 4, (small, large)
+
+
+def test_basis_sign_mode_keeps_the_reduced_basis():
+    """``periodic_sign = "basis"`` (smooth in the positions, for potentials): the mask is still
+    invariant to (a, b) -> (-a, -b), the features follow the basis; a bad mode is refused."""
+    cell, pbc = _batch()
+    cell, pbc = cell[1:2], pbc[1:2]
+    rpe = _rpe()
+    rpe.periodic_sign = "basis"
+    noise = rpe.draw_noise(8)
+    pos = torch.randn(1, 6, 3, dtype=D64) * 3
+    flip = cell.clone()
+    flip[0, :2] = -cell[0, :2]
+    lat, lat_flip = PeriodicLattice.from_cell(cell, pbc), PeriodicLattice.from_cell(flip, pbc)
+    same_basis = bool(torch.allclose(lat.frame, lat_flip.frame))
+    with torch.no_grad():
+        a, _ = rpe.features(pos, 8, noise=noise, lattice=lat)
+        b, _ = rpe.features(pos, 8, noise=noise, lattice=lat_flip)
+    torch.testing.assert_close(_mask(rpe, pos, flip, pbc, noise), _mask(rpe, pos, cell, pbc, noise), rtol=1e-9, atol=1e-10)
+    assert not same_basis  # the reduction keeps the input's sign here
+    assert float((a - b).abs().max()) > 1e-6  # so the features differ; the mask does not
+    with pytest.raises(ValueError, match="sign must be"):
+        lat.orient(pos, sign="flip")
