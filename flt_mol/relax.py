@@ -38,7 +38,8 @@ import numpy as np
 
 from flt_mol.errors import InputError, UsageError
 
-__all__ = ["OPTIMIZERS", "relax_many", "relaxation_metrics", "nve_run", "read_structures", "add_parser"]
+__all__ = ["OPTIMIZERS", "relax_many", "relaxation_metrics", "compare_with_emt", "nve_run", "read_structures",
+           "add_parser"]
 
 OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
 
@@ -161,6 +162,47 @@ def relaxation_metrics(items: Sequence[Any], relaxed: Sequence[Any], energies: S
         if direct is not None:
             out["direct_is2re"] = metrics_from_totals(energy_totals(torch.tensor(list(direct), dtype=torch.float64), y))
     return out
+
+
+def compare_with_emt(initial: Sequence[Any], relaxed: Sequence[Any], *, optimizer: str = "BFGS",
+                     fmax: float = 0.05, steps: int = 200) -> dict[str, Any]:
+    """Relax copies of ``initial`` with ASE's ``EMT`` (the calculator EMT-S2EF's labels come from)
+    and compare the minima with the model's ``relaxed`` ones.
+
+    Returns ``{"distance_to_emt_minimum": mean over structures of the mean free-atom minimum-image
+    distance between the two minima (A), "distance_emt_moved": the same between the start and
+    EMT's minimum (how far EMT itself moved the atoms), "emt_energy_excess": mean of
+    E_EMT(model minimum) - E_EMT(EMT minimum) (eV), "per_structure": [...]}``.
+    """
+    import torch
+    from ase.calculators.emt import EMT
+
+    from flt_mol.train.metrics import minimum_image_displacement
+
+    cls = _optimizer_class(optimizer)
+    rows = []
+    for start, mine in zip(initial, relaxed):
+        ref = start.copy()
+        ref.calc = EMT()
+        cls(ref, logfile=None).run(fmax=fmax, steps=steps)
+        e_ref = float(ref.get_potential_energy())
+        probe = mine.copy()
+        probe.calc = EMT()
+        e_mine = float(probe.get_potential_energy())
+        free = np.ones(len(ref), dtype=bool)
+        for c in ref.constraints:
+            if hasattr(c, "index"):
+                free[np.asarray(c.index)] = False
+        cell = torch.as_tensor(np.asarray(ref.get_cell(complete=True)), dtype=torch.float64)
+        pbc = torch.as_tensor(np.asarray(ref.get_pbc(), dtype=bool))
+
+        def dist(a, b):
+            d = torch.as_tensor(a.get_positions() - b.get_positions(), dtype=torch.float64)[torch.from_numpy(free)]
+            return float(minimum_image_displacement(d, cell, pbc).norm(dim=-1).mean())
+
+        rows.append({"distance_to_emt_minimum": dist(mine, ref), "distance_emt_moved": dist(start, ref),
+                     "emt_energy_excess": e_mine - e_ref})
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"per_structure": rows}
 
 
 def nve_run(atoms: Any, calc: Any, *, steps: int = 1000, timestep_fs: float = 1.0, temperature_K: float = 300.0,
@@ -305,6 +347,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--is2re-checkpoint", type=Path, default=None, metavar="CKPT",
                    help="an IS2RE checkpoint whose direct prediction (from the initial structures) is reported "
                    "beside relax-then-predict")
+    p.add_argument("--compare-emt", action="store_true",
+                   help="also relax every structure with ASE's EMT (the EMT data sets' labels) and report the "
+                   "distance between the two minima")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_relax)
@@ -369,6 +414,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--is2re-checkpoint {args.is2re_checkpoint} does not exist")
     calc = FLTCalculator(args.checkpoint, device=args.device, batch_size=args.batch_size)
     items, structures = read_structures(args.data, limit=args.limit)
+    initial = [a.copy() for a in structures]
     kwargs = {"maxstep": args.maxstep} if args.maxstep is not None else {}
     t0 = time.perf_counter()
     info = relax_many(calc, structures, optimizer=args.optimizer, fmax=args.fmax, steps=args.steps,
@@ -406,6 +452,12 @@ def cmd_relax(args: argparse.Namespace) -> int:
     if args.is2re_checkpoint is not None:
         direct = _direct_is2re(args.is2re_checkpoint, items, args.device, args.batch_size)
     metrics = relaxation_metrics(items, structures, [r["energy"] for r in info], direct=direct)
+    if args.compare_emt:
+        emt = compare_with_emt(initial, structures, optimizer=args.optimizer, fmax=args.fmax, steps=args.steps)
+        metrics["emt_minimum"] = emt
+        print(f"EMT's own minimum: {emt['distance_to_emt_minimum']:.3f} A from the model's (mean over free atoms "
+              f"and structures; EMT moved the atoms {emt['distance_emt_moved']:.3f} A from the start); EMT energy "
+              f"of the model's minimum {emt['emt_energy_excess']:+.3f} eV above EMT's")
     if metrics:
         metrics["energy_target"] = calc.energy_target
         metrics["n"] = len(info)

@@ -17,10 +17,10 @@ def test_relax_writes_structures_and_is2rs_metrics(s2ef_run, tmp_path, capsys):
 
     out = tmp_path / "relaxed"
     argv = ["relax", str(s2ef_run["ckpt"]), "--data", str(s2ef_run["is2re"]), "--out", str(out),
-            "--steps", "3", "--fmax", "1e-5", "--no-progress"]
+            "--steps", "3", "--fmax", "1e-5", "--no-progress", "--compare-emt"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "IS2RS ADwT" in text and "relax-then-predict IS2RE" in text
+    assert "IS2RS ADwT" in text and "relax-then-predict IS2RE" in text and "EMT's own minimum" in text
     ds = OC20LMDB(out / "relaxed.lmdb")
     src = OC20LMDB(s2ef_run["is2re"])
     assert len(ds) == len(src) == 3
@@ -34,6 +34,7 @@ def test_relax_writes_structures_and_is2rs_metrics(s2ef_run, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["adwt"]["average_distance_within_threshold"] <= 1
     assert metrics["relax_then_predict"]["n"] == 3 and metrics["energy_target"] == "y_adsorption"
+    assert len(metrics["emt_minimum"]["per_structure"]) == 3 and metrics["emt_minimum"]["distance_to_emt_minimum"] > 0
     per = json.loads((out / "relaxations.json").read_text())
     assert [p["sid"] for p in per] == [int(src[i].sid) for i in range(3)]
 
