@@ -110,3 +110,12 @@ def files_is2re_ckpt(tmp_path):
     path = tmp_path / "is2re.pt"
     torch.save({"version": 1, "config": {"task": "is2re"}, "task": {}, "model": {}}, path)
     return path
+
+
+def test_translation_sensitivity_reports_the_flt_draws_departure(s2ef_run):
+    from flt_mol.calculator import translation_sensitivity
+
+    calc = FLTCalculator(s2ef_run["ckpt"], dtype=torch.float64)
+    report = translation_sensitivity(calc, [_atoms(s2ef_run["val"], 0)], shifts=2)
+    assert report["n"] == 1 and report["force_norm"] > 0
+    assert report["energy_std"] > 0  # FLT + FAVOR+: not exactly translation invariant (README)
