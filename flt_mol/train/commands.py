@@ -147,8 +147,11 @@ def evaluation_specs(data: list[str] | None, split: list[str] | None, *, prefix:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flt_mol.train.checkpoint import atomic_write_text
 
+    # --data / --split are checked before the checkpoint is read; the default splits follow its task.
+    specs = evaluation_specs(args.data, args.split) if args.data is not None else None
     task, model = load_for_inference(args.checkpoint, args.device, task=("is2re", "s2ef"))
-    specs = evaluation_specs(args.data, args.split, prefix="emt_s2ef" if task.config.task == "s2ef" else "emt")
+    if specs is None:
+        specs = evaluation_specs(None, args.split, prefix="emt_s2ef" if task.config.task == "s2ef" else "emt")
     loaders = {name: _loader(task, spec, args.batch_size) for name, spec in specs.items()}
     predictions: dict[str, Any] = {}
     metrics = task.evaluate(model, loaders, predictions=predictions)
