@@ -215,7 +215,7 @@ def nve_run(atoms: Any, calc: Any, *, steps: int = 1000, timestep_fs: float = 1.
     energy against time, divided by the number of atoms (all atoms; fixed ones do not move).
     """
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution as vd
     from ase.md.verlet import VelocityVerlet
 
     if steps < 1:
@@ -223,9 +223,13 @@ def nve_run(atoms: Any, calc: Any, *, steps: int = 1000, timestep_fs: float = 1.
     if timestep_fs <= 0:
         raise UsageError(f"timestep must be > 0 fs, got {timestep_fs}")
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29 (MaxwellBoltzmannDistribution is deprecated there)
+        vd.thermalize_momenta(atoms, temperature_K, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     if not atoms.constraints:
-        Stationary(atoms)
+        vd.Stationary(atoms)
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs, logfile=None)
     energies, temps = [], []
 
