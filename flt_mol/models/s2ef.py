@@ -16,12 +16,15 @@ a Newtonian trajectory up to the integrator's error. The properties the model gu
 draw of the features, and that the tests check in fp64:
 
 * ``F`` equals the finite differences of ``E``;
-* rotating the structure with its cell rotates ``F`` (``F -> F R^T``), translating it leaves
-  ``F`` unchanged, wrapping an atom by a lattice vector leaves ``E`` and every ``F`` unchanged
-  (the reciprocal-lattice phases are integers times ``2 pi`` apart);
-* ``F`` is zero on padding and does not depend on what else is in the batch;
-* the forces sum to zero along every direction in which the structure is periodic or free
-  (translation invariance), so a structure does not drift.
+* rotating the structure with its cell rotates ``F`` (``F -> F R^T``); wrapping an atom by a
+  lattice vector leaves ``E`` and every ``F`` unchanged (the reciprocal-lattice phases are
+  integers times ``2 pi`` apart); translating along the slab normal changes nothing;
+* in-plane translations by a fraction of a lattice vector change nothing with ``attention: exact``
+  or ``performer`` (the forces then sum to zero), but **not for one FLT draw**: FAVOR+ projects
+  the RPE features with a fixed Gaussian matrix, which sees their absolute phase (invariant only
+  in expectation over the kernel draw; ``data.random_translation`` trains towards invariance and
+  :func:`flt_mol.calculator.translation_sensitivity` measures what is left);
+* ``F`` is zero on padding and does not depend on what else is in the batch.
 
 Energies and forces are in the task's normalised units: the task maps
 ``E_eV = std * E + mean + ref(z)`` and ``F_eV = std * F`` (``ref`` does not depend on positions).
