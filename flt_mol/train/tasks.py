@@ -1,7 +1,8 @@
 """Tasks: what the task-agnostic loop trains (data, model, loss, metrics) and how tasks are chosen.
 
 Task selection is explicit and lives in two functions only: :func:`task_config_types` (the data
-and model dataclasses of a recipe) and :func:`build_task`. ``task: is2re`` is defined here;
+and model dataclasses of a recipe) and :func:`build_task`. ``task: is2re`` and ``task: s2ef``
+(energies and conservative forces, :class:`S2EFTask`) are defined here;
 ``task: lm`` and ``task: vit`` are imported lazily from :mod:`flt_mol.train.sequence_tasks`, which
 must provide ``config_types(task) -> (DataConfig, ModelConfig)`` and
 ``build_sequence_task(config) -> Task``.
