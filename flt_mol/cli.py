@@ -37,6 +37,8 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("train", "flt_mol.train.commands"),
     ("evaluate", "flt_mol.train.commands"),
     ("predict", "flt_mol.train.commands"),
+    ("relax", "flt_mol.relax"),
+    ("md", "flt_mol.relax"),
     ("convert", "flt_mol.data.commands"),
     ("dataset", "flt_mol.data.commands"),
     ("bench", "flt_mol.bench.commands"),

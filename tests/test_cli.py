@@ -56,7 +56,7 @@ BAD_INPUT = [
     (["evaluate", "{text}", "--out", "{out}"], 1, ["not a flt_mol checkpoint:", "notes.txt", "expected"]),
     (["evaluate", "{empty}", "--out", "{out}"], 1, ["not a flt_mol checkpoint:", "empty.bin", "empty"]),
     (["evaluate", "{dict_ckpt}", "--out", "{out}"], 1, ["not a flt_mol checkpoint:", "dict.pt", "missing"]),
-    (["evaluate", "{lm_ckpt}", "--out", "{out}"], 1, ["IS2RE checkpoint", "lm.pt", "'lm'"]),
+    (["evaluate", "{lm_ckpt}", "--out", "{out}"], 1, ["IS2RE or S2EF checkpoint", "lm.pt", "'lm'"]),
     (["evaluate", "{is2re_ckpt}", "--data", "a", "--split", "x", "y", "--out", "{out}"], 2, ["--split", "2 names"]),
     (["predict", "{text}", "--data", "emt:val_id", "--out", "{out}"], 1, ["not a flt_mol checkpoint:", "notes.txt"]),
     (["predict", "{lm_ckpt}", "--data", "emt:val_id", "--out", "{out}"], 1, ["IS2RE checkpoint", "lm.pt"]),

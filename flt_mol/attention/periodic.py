@@ -58,6 +58,18 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(-1)
 
 
+def _round_tie_to_zero(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)``, but halves within ``_TIE`` round towards zero.
+
+    Size reduction divides ``a.b / a.a``, which is exactly 1/2 for hexagonal cells (60 degrees):
+    rounding noise (e.g. of a rotated copy of the cell) would otherwise pick ``b`` or ``b - a``
+    at random, two equally reduced bases with different frames.
+    """
+    frac = x.abs() - torch.floor(x.abs())
+    tie = (frac - 0.5).abs() <= _TIE * torch.clamp(x.abs(), min=1.0)
+    return torch.where(tie, torch.trunc(x), torch.round(x))
+
+
 def reduce_cell_2d(a: torch.Tensor, b: torch.Tensor, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Lagrange reduction of the plane lattice ``(a, b)``, oriented right-handed about ``normal``.
 
@@ -71,7 +83,7 @@ def reduce_cell_2d(a: torch.Tensor, b: torch.Tensor, normal: torch.Tensor) -> tu
     """
     a, b = a.clone(), b.clone()
     for _ in range(100):
-        mu = torch.round(_dot(a, b) / _dot(a, a))
+        mu = _round_tie_to_zero(_dot(a, b) / _dot(a, a))
         b = b - mu[:, None] * a
         swap = _dot(b, b) < _dot(a, a) * (1.0 - _TIE)
         if not bool(swap.any()) and bool((mu == 0).all()):
@@ -106,7 +118,7 @@ def reduce_cell_3d(cell: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(_dot(v, v), dim=1)
         v = v[ar[:, None], order]
         for i, j in ((1, 0), (2, 0), (2, 1)):  # size-reduce j against i's predecessors
-            mu = torch.round(_dot(v[:, i], v[:, j]) / _dot(v[:, j], v[:, j]))
+            mu = _round_tie_to_zero(_dot(v[:, i], v[:, j]) / _dot(v[:, j], v[:, j]))
             new = v[:, i] - mu[:, None] * v[:, j]
             better = _dot(new, new) < _dot(v[:, i], v[:, i]) * (1.0 - _TIE)
             v[:, i] = torch.where(better[:, None], new, v[:, i])

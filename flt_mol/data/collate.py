@@ -36,7 +36,10 @@ class AtomsBatch:
         displacement [B, L, 3] float32 or None (pos_relaxed - pos on real atoms, 0 elsewhere;
         None when any structure lacks pos_relaxed); sid [B] long (-1 where absent);
         pbc [B, 3] bool, periodic flags per cell row (an item's ``pbc`` field, else OC20's slab
-        convention ``(True, True, False)``).
+        convention ``(True, True, False)``);
+        S2EF targets: y [B] float64 (the items' ``y``; None when any structure lacks it) and
+        force [B, L, 3] float32 (the items' ``force`` on real atoms, 0 on images and padding;
+        None when any structure lacks it).
     """
 
     atomic_numbers: torch.Tensor
@@ -51,6 +54,8 @@ class AtomsBatch:
     displacement: torch.Tensor | None
     sid: torch.Tensor
     pbc: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    force: torch.Tensor | None = None
 
     @property
     def real_mask(self) -> torch.Tensor:
@@ -128,6 +133,9 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
         else None
     )
     sid = torch.tensor([int(f["sid"]) if "sid" in f else -1 for f in fields], dtype=torch.long)
+    y = (torch.tensor([float(f["y"]) for f in fields], dtype=torch.float64)
+         if all(f.get("y") is not None for f in fields) else None)
+    has_force = all(f.get("force") is not None for f in fields)
     slab = torch.tensor([[True, True, False]])
     pbc = torch.cat([f["pbc"].reshape(1, 3).bool() if "pbc" in f else slab for f in fields])
 
@@ -185,6 +193,11 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
         displacement = pos_flat.new_zeros(B * L, 3)
         displacement[dest[:T]] = relaxed_flat - pos_flat
         displacement = displacement.view(B, L, 3)
+    force = None
+    if has_force:
+        force = pos_flat.new_zeros(B * L, 3)
+        force[dest[:T]] = torch.cat([torch.as_tensor(f["force"]).reshape(-1, 3) for f in fields]).float()
+        force = force.view(B, L, 3)
 
     return AtomsBatch(
         atomic_numbers=out_numbers.view(B, L),
@@ -199,6 +212,8 @@ def collate_atoms(items: Sequence[Data], *, images: PeriodicImages | None = None
         displacement=displacement,
         sid=sid,
         pbc=pbc,
+        y=y,
+        force=force,
     )
 
 

@@ -92,6 +92,9 @@ class IS2REModelConfig:
     # reciprocal lattice, exactly invariant to wrapping and to the choice of cell. ``frame`` is
     # then the reduced cell's own frame.
     periodic: str = "images"
+    # Atoms the energy head sums over: "tagged" (real atoms with tag > 0, IS2RE's adsorption
+    # energy) or "all" (every real atom: the total energy of S2EF, whose forces act on every atom).
+    readout: str = "tagged"
 
     def validate(self) -> None:
         from flt_mol.errors import ConfigError
@@ -103,6 +106,8 @@ class IS2REModelConfig:
                 raise ConfigError(f"model.{name} must be gaussian, mixture or standard, got {getattr(self, name)!r}")
         if self.periodic not in ("images", "reciprocal"):
             raise ConfigError(f"model.periodic must be 'images' or 'reciprocal', got {self.periodic!r}")
+        if self.readout not in ("tagged", "all"):
+            raise ConfigError(f"model.readout must be 'tagged' or 'all', got {self.readout!r}")
         if self.frame not in ("cell", "none"):
             raise ConfigError(f"model.frame must be 'cell' or 'none', got {self.frame!r}")
         if self.context not in ("features", "exact"):
@@ -494,7 +499,8 @@ class IS2REModel(nn.Module):
 
     def _energy(self, h, tags, real) -> torch.Tensor:
         atom_energy = self.energy_head(h).squeeze(-1)  # [B, L]
-        return energy_readout(atom_energy, tags=tags, tag_factor=self.tag_factor, readout_mask=real & (tags > 0))
+        readout = real if self.config.readout == "all" else real & (tags > 0)
+        return energy_readout(atom_energy, tags=tags, tag_factor=self.tag_factor, readout_mask=readout)
 
     def _displacement_qk(self, h, context) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = self.disp_query(h), self.disp_key(h)  # [B, L, C]

@@ -98,7 +98,7 @@ def load_torch_file(path: str | Path, *, expected: str, map_location: str | torc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
-                    task: str | None = None) -> dict[str, Any]:
+                    task: str | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`flt_mol.train.loop.train`, checking what was opened.
 
     Checkpoints hold numpy RNG states and plain Python objects, so they are loaded with
@@ -107,7 +107,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     Args:
         path: the checkpoint file.
         map_location: passed to ``torch.load``.
-        task: when given, the checkpoint must hold a model of this task (``is2re``, ``lm``, ``vit``).
+        task: when given, the checkpoint must hold a model of this task (``is2re``, ``s2ef``, ``lm``,
+            ``vit``) or of one of these tasks (a tuple).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -134,10 +135,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if task is not None:
         config = ckpt["config"]
         found = config.get("task") if isinstance(config, dict) else None
-        if found != task:
-            names = {"is2re": "IS2RE", "lm": "LM", "vit": "ViT"}
+        wanted = (task,) if isinstance(task, str) else tuple(task)
+        if found not in wanted:
+            names = {"is2re": "IS2RE", "s2ef": "S2EF", "lm": "LM", "vit": "ViT"}
+            kinds = " or ".join(names.get(t, t) for t in wanted)
+            expected = " or ".join(repr(t) for t in wanted)
             raise CheckpointError(
-                f"not a flt_mol {names.get(task, task)} checkpoint: {path} (expected a model of task "
-                f"{task!r}, this one holds task {found!r})"
+                f"not a flt_mol {kinds} checkpoint: {path} (expected a model of task "
+                f"{expected}, this one holds task {found!r})"
             )
     return ckpt

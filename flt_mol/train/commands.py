@@ -39,13 +39,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
-        "evaluate", help="energy MAE / MSE / EwT of a checkpoint, beside trivial baselines",
+        "evaluate", help="energy MAE / MSE / EwT (S2EF: and force MAE, cosine, EFwT) of a checkpoint, beside trivial baselines",
         description="Evaluate an IS2RE checkpoint: energy MAE, MSE and EwT (|error| < 0.02 eV) per split "
-        "and averaged, beside the trivial baselines, printed as a table and written as JSON.",
+        "and averaged, beside the trivial baselines, printed as a table and written as JSON. An S2EF "
+        "checkpoint (task: s2ef) adds OC20's S2EF metrics (force MAE and cosine on free atoms, EFwT: "
+        "energy within 0.02 eV and every force component within 0.03 eV/A) beside the train-mean and "
+        "composition-linear energies with zero forces; its default data are the EMT-S2EF validation splits.",
     )
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="IS2RE checkpoint written by flt-mol train (checkpoint.pt or best.pt)")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="IS2RE or S2EF checkpoint written by flt-mol train (checkpoint.pt or best.pt)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help=_DATA_HELP + " (default: the EMT-IS2RE validation splits)")
+                   help=_DATA_HELP + " (emt_s2ef:SPLIT for EMT-S2EF; default: the embedded validation splits "
+                   "of the checkpoint's task)")
     p.add_argument("--split", nargs="+", default=None, metavar="NAME",
                    help="names for the --data paths; without --data: which EMT-IS2RE splits to evaluate "
                    "(default: the file/folder names; all four validation splits)")
@@ -93,11 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "auto", *,
-                       task: str | None = None) -> tuple[Any, Any]:
+                       task: str | tuple[str, ...] | None = None) -> tuple[Any, Any]:
     """``(task, model)`` rebuilt from a checkpoint (EMA weights when the run kept them), eval mode.
 
-    ``task`` (``is2re``, ``lm``, ``vit``), when given, is the task the checkpoint must hold
-    (:class:`~flt_mol.errors.CheckpointError` otherwise).
+    ``task`` (``is2re``, ``s2ef``, ``lm``, ``vit``, or a tuple of them), when given, is the task the
+    checkpoint must hold (:class:`~flt_mol.errors.CheckpointError` otherwise).
     """
     from flt_mol.train.checkpoint import load_checkpoint
     from flt_mol.train.loop import config_from_checkpoint, resolve_device
@@ -126,13 +131,14 @@ def _loader(task: Any, spec: str, batch_size: int | None) -> Any:
                        collate_fn=task.collate_fn(), num_workers=0)
 
 
-def evaluation_specs(data: list[str] | None, split: list[str] | None) -> dict[str, str]:
-    """``{name: spec}`` from ``--data`` / ``--split`` (see the module docstring)."""
+def evaluation_specs(data: list[str] | None, split: list[str] | None, *, prefix: str = "emt") -> dict[str, str]:
+    """``{name: spec}`` from ``--data`` / ``--split`` (see the module docstring); without ``--data``
+    the embedded validation splits ``PREFIX:SPLIT`` (``emt`` or ``emt_s2ef``)."""
     from flt_mol.train.tasks import EMT_VAL_SPLITS, split_name
 
     if data is None:
         names = split if split is not None else list(EMT_VAL_SPLITS)
-        return {name: f"emt:{name}" for name in names}
+        return {name: f"{prefix}:{name}" for name in names}
     if split is not None and len(split) != len(data):
         raise UsageError(f"--split gives {len(split)} names for {len(data)} --data paths")
     names = split if split is not None else [split_name(d) for d in data]
@@ -144,8 +150,11 @@ def evaluation_specs(data: list[str] | None, split: list[str] | None) -> dict[st
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flt_mol.train.checkpoint import atomic_write_text
 
-    specs = evaluation_specs(args.data, args.split)
-    task, model = load_for_inference(args.checkpoint, args.device, task="is2re")
+    # --data / --split are checked before the checkpoint is read; the default splits follow its task.
+    specs = evaluation_specs(args.data, args.split) if args.data is not None else None
+    task, model = load_for_inference(args.checkpoint, args.device, task=("is2re", "s2ef"))
+    if specs is None:
+        specs = evaluation_specs(None, args.split, prefix="emt_s2ef" if task.config.task == "s2ef" else "emt")
     loaders = {name: _loader(task, spec, args.batch_size) for name, spec in specs.items()}
     predictions: dict[str, Any] = {}
     metrics = task.evaluate(model, loaders, predictions=predictions)

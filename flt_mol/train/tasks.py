@@ -1,7 +1,8 @@
 """Tasks: what the task-agnostic loop trains (data, model, loss, metrics) and how tasks are chosen.
 
 Task selection is explicit and lives in two functions only: :func:`task_config_types` (the data
-and model dataclasses of a recipe) and :func:`build_task`. ``task: is2re`` is defined here;
+and model dataclasses of a recipe) and :func:`build_task`. ``task: is2re`` and ``task: s2ef``
+(energies and conservative forces, :class:`S2EFTask`) are defined here;
 ``task: lm`` and ``task: vit`` are imported lazily from :mod:`flt_mol.train.sequence_tasks`, which
 must provide ``config_types(task) -> (DataConfig, ModelConfig)`` and
 ``build_sequence_task(config) -> Task``.
@@ -99,13 +100,17 @@ class Task(abc.ABC):
 # Selection (the only place that knows every task)
 # --------------------------------------------------------------------------------------------
 
-TASKS = ("is2re", "lm", "vit")
+TASKS = ("is2re", "s2ef", "lm", "vit")
 
 
 def task_config_types(task: str) -> tuple[type, type]:
     """(data dataclass, model dataclass) of ``task``."""
     if task == "is2re":
         return IS2REDataConfig, IS2REModelConfig
+    if task == "s2ef":
+        from flt_mol.models.s2ef import S2EFModelConfig
+
+        return S2EFDataConfig, S2EFModelConfig
     if task in ("lm", "vit"):
         from flt_mol.train import sequence_tasks
 
@@ -117,6 +122,8 @@ def build_task(config: TrainConfig) -> Task:
     """The :class:`Task` for ``config.task``."""
     if config.task == "is2re":
         return IS2RETask(config)
+    if config.task == "s2ef":
+        return S2EFTask(config)
     if config.task in ("lm", "vit"):
         from flt_mol.train.sequence_tasks import build_sequence_task
 
@@ -171,22 +178,29 @@ class IS2REDataConfig:
 
 
 def split_name(spec: str) -> str:
-    """``emt:val_id`` -> ``val_id``; ``/data/is2re/val_id/data.lmdb`` -> ``val_id``."""
+    """``emt:val_id`` (or ``emt_s2ef:val_id``) -> ``val_id``; ``/data/is2re/val_id/data.lmdb`` -> ``val_id``."""
     if spec.startswith("emt:"):
         return spec[4:]
+    if spec.startswith("emt_s2ef:"):
+        return spec[len("emt_s2ef:"):]
     p = Path(spec)
     return p.parent.name if p.stem == "data" else p.stem
 
 
 def resolve_path(spec: str) -> Path:
-    """``emt:SPLIT`` -> the embedded LMDB (built on first use); anything else -> a path."""
+    """``emt:SPLIT`` / ``emt_s2ef:SPLIT`` -> the embedded EMT-IS2RE / EMT-S2EF LMDB (built on
+    first use); anything else -> a path."""
     if spec.startswith("emt:"):
         from flt_mol.data.emt import emt_is2re
 
         return Path(emt_is2re(spec[4:]))
+    if spec.startswith("emt_s2ef:"):
+        from flt_mol.data.s2ef import emt_s2ef
+
+        return Path(emt_s2ef(spec[len("emt_s2ef:"):]))
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"IS2RE data {spec!r} does not exist")
+        raise FileNotFoundError(f"data {spec!r} does not exist")
     return path
 
 
@@ -274,18 +288,20 @@ class EnergyNormalizer(nn.Module):
         return y_norm.double() * self.std + self.mean + ref
 
 
-def _fit_normalizer(items: list[Any], *, references: bool, normalize: bool) -> EnergyNormalizer:
-    """Fit the element references (optional) and the mean / std of what they leave."""
+def _fit_normalizer(items: list[Any], *, references: bool, normalize: bool,
+                    target: str = "y_relaxed") -> EnergyNormalizer:
+    """Fit the element references (optional) and the mean / std of what they leave (of the
+    energy field ``target``)."""
     import numpy as np
 
     from flt_mol.data.references import MAX_Z, fit_element_references, targets
 
-    y = targets(items)
+    y = targets(items, target=target)
     coef = torch.zeros(MAX_Z + 1, dtype=torch.float64)
     intercept = 0.0
     resid = y
     if references:
-        refs = fit_element_references(items)
+        refs = fit_element_references(items, target=target)
         coef = torch.as_tensor(refs.coef, dtype=torch.float64)
         intercept = float(refs.bias)
         resid = y - refs.predict(items)
@@ -499,6 +515,277 @@ class IS2RETask(Task):
         key = "average" if "average" in metrics else next(iter(metrics))
         name = "average energy MAE (eV)" if key == "average" else f"{key} energy MAE (eV)"
         return name, self.summary_metric(metrics)
+
+    def format_metrics(self, metrics: Mapping[str, Any]) -> str:
+        return format_table(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# S2EF
+# --------------------------------------------------------------------------------------------
+
+EMT_S2EF_VAL_SPLITS = EMT_VAL_SPLITS
+
+
+@dataclass
+class S2EFDataConfig:
+    """Data, targets and loss of the S2EF task (structure -> energy and forces).
+
+    Paths are an ``.lmdb`` file, a folder of shards, or ``emt_s2ef:SPLIT`` for the embedded
+    EMT-S2EF data set (built on first use). Entries need the energy field ``energy_target`` and
+    ``force [N, 3]``.
+
+    The loss is fairchem's default for S2EF (its OC20 configs: energy ``mae`` with coefficient 1,
+    forces ``l2mae`` with coefficient 100, forces on free atoms only, forces normalised by the
+    energy's std): ``energy_coefficient * |E - E_t| + force_coefficient * mean_atoms |F - F_t|_2``,
+    both in normalised units (``E_t = (y - ref - mean) / std``, ``F_t = force / std``).
+    """
+
+    train: str = "emt_s2ef:train"
+    val: list[str] = field(default_factory=lambda: [f"emt_s2ef:{s}" for s in EMT_S2EF_VAL_SPLITS])
+    batch_size: int = 16  # global batch, split evenly across processes
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    max_train_items: int | None = None  # use the first N training frames (quick runs)
+    max_val_items: int | None = None  # evaluate on the first N frames of each validation split
+    # The energy field: "y" (EMT-S2EF: total energy) or "y_adsorption" (referenced to the clean
+    # slab and the gas-phase adsorbate, as OC20's S2EF LMDBs store; relax-then-predict then gives
+    # IS2RE adsorption energies directly).
+    energy_target: str = "y"
+    element_references: bool = True  # subtract a per-element linear fit before normalising
+    normalize_energy: bool = True  # then divide (y - ref - mean) by the train std (forces too)
+    energy_coefficient: float = 1.0
+    force_coefficient: float = 100.0
+    train_on_free_atoms: bool = True  # force loss on free atoms only (fairchem's OC20 default)
+    # Move every training structure by a random in-plane lattice translation (fractions of a and
+    # b). FLT's FAVOR+ kernel makes one feature draw invariant to wrapping but not to
+    # translations that are not lattice vectors (README: forces); this teaches the invariance.
+    random_translation: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("max_train_items", "max_val_items"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"data.{name} must be >= 1 or null, got {v}")
+        if self.energy_target not in ("y", "y_adsorption"):
+            raise ConfigError(f"data.energy_target must be 'y' or 'y_adsorption', got {self.energy_target!r}")
+        if self.energy_coefficient < 0 or self.force_coefficient < 0:
+            raise ConfigError("data.energy_coefficient and data.force_coefficient must be >= 0")
+        names = [split_name(v) for v in self.val]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.val split names must be unique, got {names}")
+
+
+def random_translations(batch: Any, *, seed: int, step: int) -> torch.Tensor:
+    """``[B, 1, 3]`` shifts ``s_a a + s_b b`` (``s ~ U(0, 1)``) along each structure's periodic
+    cell rows ``a``, ``b``, from a generator seeded by ``(seed, step)``."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 54_321) % (2**63 - 1))
+    frac = torch.rand(batch.cell.shape[0], 3, generator=g, dtype=torch.float64)
+    pbc = batch.pbc if batch.pbc is not None else torch.tensor([[True, True, False]]).expand(frac.shape[0], 3)
+    frac = frac * pbc.to(frac.dtype).cpu()
+    shift = torch.einsum("bi,bix->bx", frac.to(batch.cell.device), batch.cell.double())
+    return shift[:, None, :].to(batch.pos.dtype)
+
+
+@dataclass(frozen=True)
+class EnergyFieldCollater:
+    """Picklable ``collate_fn``: :func:`~flt_mol.data.collate.collate_atoms` without images, with the
+    items' ``field`` energy (``y`` or ``y_adsorption``) as the batch's ``y``."""
+
+    field: str = "y"
+
+    def __call__(self, items: list[Any]) -> Any:
+        from flt_mol.data.collate import collate_atoms
+
+        if self.field != "y":
+            items = [_with_energy(d, getattr(d, self.field, None)) for d in items]
+        return collate_atoms(items)
+
+
+def _with_energy(data: Any, value: Any) -> Any:
+    import copy
+
+    out = copy.copy(data)
+    out.y = value
+    return out
+
+
+class S2EFTask(Task):
+    """Structure -> total (or referenced) energy and conservative forces (:mod:`flt_mol.models.s2ef`).
+
+    Metrics are OC20's S2EF metrics (:func:`flt_mol.train.metrics.s2ef_totals`: energy MAE, force
+    MAE, force cosine, EFwT; forces scored on free atoms) beside the trivial baselines of
+    :class:`flt_mol.data.references.S2EFBaselines` (train-mean or composition-linear energy, zero
+    forces), fitted on the training split.
+    """
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        data: S2EFDataConfig = config.data
+        self.data = data
+        self.batch_size = data.batch_size
+        self.eval_batch_size = data.eval_batch_size
+        self.num_workers = data.num_workers
+        self.normalizer: EnergyNormalizer | None = None
+        self.baselines: dict[str, Any] | None = None  # S2EFBaselines.to_dict(), fitted on train
+        self._baseline_cache: dict[str, dict[str, Any]] = {}
+
+    # -- data ---------------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        ds = open_split(self.data.train)
+        if self.data.max_train_items is not None and self.data.max_train_items < len(ds):
+            ds = torch.utils.data.Subset(ds, range(self.data.max_train_items))
+        return ds
+
+    def val_datasets(self) -> dict[str, Dataset]:
+        out = {}
+        for spec in self.data.val:
+            ds = open_split(spec)
+            if self.data.max_val_items is not None and self.data.max_val_items < len(ds):
+                ds = torch.utils.data.Subset(ds, range(self.data.max_val_items))
+            out[split_name(spec)] = ds
+        return out
+
+    def collate_fn(self) -> Callable:
+        return EnergyFieldCollater(self.data.energy_target)
+
+    # -- statistics of the training split -------------------------------------------------------
+    def setup(self) -> None:
+        from flt_mol.data.references import S2EFBaselines
+
+        ds = self.train_dataset()
+        items = [ds[i] for i in range(len(ds))]
+        target = self.data.energy_target
+        for i, d in enumerate(items):
+            if getattr(d, target, None) is None or getattr(d, "force", None) is None:
+                raise InputError(f"training data {self.data.train!r}: frame {i} has no {target!r} or no 'force' "
+                                 "(S2EF needs energies and forces)")
+        self.normalizer = _fit_normalizer(items, references=self.data.element_references,
+                                          normalize=self.data.normalize_energy, target=target)
+        self.baselines = S2EFBaselines.fit(items, target=target).to_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.normalizer is None:
+            raise RuntimeError("S2EFTask.setup() (or load_state_dict) must run before state_dict()")
+        n = self.normalizer
+        return {"coef": n.coef.clone(), "intercept": n.intercept, "mean": n.mean, "std": n.std,
+                "baselines": self.baselines}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.normalizer = EnergyNormalizer(state["coef"], state["intercept"], state["mean"], state["std"])
+        self.baselines = state["baselines"]
+
+    # -- model and loss ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        from flt_mol.models.s2ef import S2EFModel
+
+        return S2EFModel(self.config.model)
+
+    def _reference(self, batch: Any) -> torch.Tensor:
+        return self.normalizer.reference(batch.atomic_numbers, batch.real_mask)
+
+    def _energy_field(self, batch: Any) -> torch.Tensor:
+        # EnergyFieldCollater put the items' ``energy_target`` field into ``batch.y``.
+        if batch.y is None:
+            raise InputError(f"batch has no {self.data.energy_target!r} energies")
+        return batch.y
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """``c_E |E - E_t| + c_F |F - F_t|_2`` (S2EFDataConfig); means over the global batch's
+        structures and (free) atoms."""
+        if batch.force is None:
+            raise ValueError("training batch has no force targets")
+        if self.data.random_translation:
+            from dataclasses import replace
+
+            batch = replace(batch, pos=batch.pos + random_translations(batch, seed=self.config.run.seed, step=step))
+        out = model(batch)
+        target = self.normalizer.normalize(self._energy_field(batch), self._reference(batch)).to(out["energy"].dtype)
+        err = (out["energy"] - target).abs()
+        loss_e = err.sum() * distributed.global_mean_scale(err.numel()).to(err.device)
+        scored = batch.real_mask
+        if self.data.train_on_free_atoms:
+            scored = scored & (batch.fixed == 0)
+        f_t = batch.force.to(out["forces"].dtype) / self.normalizer.std
+        l2 = ((out["forces"] - f_t).square().sum(-1) + 1e-12).sqrt() * scored.to(f_t.dtype)  # [B, L]
+        loss_f = l2.sum() * distributed.global_mean_scale(scored.sum().cpu()).to(l2.device)
+        loss = self.data.energy_coefficient * loss_e + self.data.force_coefficient * loss_f
+        logs = {"energy_l1": float(loss_e.detach()), "force_l2": float(loss_f.detach()), "loss": float(loss.detach())}
+        return loss, logs
+
+    # -- inference ----------------------------------------------------------------------------------
+    def predict_batch(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(energies [B] eV float64, forces [B, L, 3] eV/A float64)`` of one batch (no graph kept)."""
+        out = model(batch, forces=True, create_graph=False)
+        energy = self.normalizer.denormalize(out["energy"].detach(), self._reference(batch))
+        forces = out["forces"].detach().double() * self.normalizer.std
+        return energy, forces
+
+    def split_baselines(self, name: str, dataset: Dataset) -> dict[str, Any]:
+        """S2EF metrics of the trivial baselines on a split (fitted on train), cached per split."""
+        if name not in self._baseline_cache:
+            from flt_mol.data.references import S2EFBaselines
+
+            items = [dataset[i] for i in range(len(dataset))]
+            fitted = S2EFBaselines.from_dict(self.baselines)
+            ok = all(getattr(d, fitted.target, None) is not None and getattr(d, "force", None) is not None
+                     for d in items)
+            self._baseline_cache[name] = fitted.evaluate(items) if ok and items else {}
+        return self._baseline_cache[name]
+
+    def evaluate(self, model: nn.Module, loaders: Mapping[str, Any], *,
+                 predictions: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+        """``{split: {energy_mae, energy_mse, energy_within_threshold, forces_mae, forces_mse,
+        forces_cos, energy_forces_within_threshold, n, n_atoms, baselines}, "average": ...}``
+        (forces on free atoms; totals summed over ranks before the ratios).
+
+        Raises:
+            UsageError: a split lacks energies or forces.
+        """
+        from flt_mol.train.metrics import s2ef_metrics_from_totals, s2ef_totals
+
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        metrics: dict[str, Any] = {}
+        for name, loader in loaders.items():
+            totals = torch.zeros(10, dtype=torch.float64)
+            preds, targets = [], []
+            for batch in loader:
+                batch = batch.to(device)
+                if batch.force is None or batch.y is None:
+                    raise UsageError(f"split {name!r} has no S2EF targets ({self.data.energy_target!r} and 'force')")
+                energy, forces = self.predict_batch(model, batch)
+                y = self._energy_field(batch).double()
+                real = batch.real_mask
+                totals += s2ef_totals(energy.cpu(), y.cpu(), forces[real].cpu(), batch.force[real].double().cpu(),
+                                      batch.natoms.cpu(), fixed=batch.fixed[real].cpu()).cpu()
+                preds.append(energy.cpu())
+                targets.append(y.cpu())
+            totals = distributed.all_reduce_sum(totals)
+            entry: dict[str, Any] = s2ef_metrics_from_totals(totals)
+            entry["baselines"] = self.split_baselines(name, loader.dataset)
+            metrics[name] = entry
+            if predictions is not None and preds:
+                predictions[name] = (torch.cat(targets).numpy(), torch.cat(preds).numpy())
+        model.train(was_training)
+        if len(metrics) > 1:
+            metrics["average"] = average_entry(metrics)
+        return metrics
+
+    def summary_metric(self, metrics: Mapping[str, Any]) -> float:
+        """Force MAE (OC20's primary S2EF metric) plus energy MAE: best.pt wants both."""
+        key = "average" if "average" in metrics else next(iter(metrics))
+        return float(metrics[key]["forces_mae"]) + float(metrics[key]["energy_mae"])
+
+    def progress_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        key = "average" if "average" in metrics else next(iter(metrics))
+        where = "average" if key == "average" else key
+        return f"{where} force MAE (eV/A)", float(metrics[key]["forces_mae"])
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> str:
         return format_table(metrics)
