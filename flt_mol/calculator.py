@@ -153,8 +153,8 @@ class FLTCalculator(Calculator):
 
 def translation_sensitivity(calc: FLTCalculator, structures: Sequence[Any], *, shifts: int = 8,
                             seed: int = 0) -> dict[str, float]:
-    """How far one feature draw is from in-plane translation invariance (FLT's FAVOR+ kernel sees
-    the absolute phase of the RPE features; exact and Performer attention do not).
+    """How far one feature draw is from in-plane translation invariance: a check (float rounding
+    for the periodic model, whose attention phases are measured from a canonical origin).
 
     Each structure is moved by ``shifts`` random in-plane translations ``s_a a + s_b b``
     (``s ~ U(0, 1)``). Returns ``{"energy_std": mean over structures of the energy's std over the

@@ -19,11 +19,12 @@ draw of the features, and that the tests check in fp64:
 * rotating the structure with its cell rotates ``F`` (``F -> F R^T``); wrapping an atom by a
   lattice vector leaves ``E`` and every ``F`` unchanged (the reciprocal-lattice phases are
   integers times ``2 pi`` apart); translating along the slab normal changes nothing;
-* in-plane translations by a fraction of a lattice vector change nothing with ``attention: exact``
-  or ``performer`` (the forces then sum to zero), but **not for one FLT draw**: FAVOR+ projects
-  the RPE features with a fixed Gaussian matrix, which sees their absolute phase (invariant only
-  in expectation over the kernel draw; ``data.random_translation`` trains towards invariance and
-  :func:`flt_mol.calculator.translation_sensitivity` measures what is left);
+* in-plane translations change nothing either, for one FLT draw too: the attention features'
+  phases are measured from a canonical origin (the adsorbate's circular mean, or all atoms';
+  :meth:`~flt_mol.attention.periodic.PeriodicLattice.orient`), so the forces sum to zero;
+* ``E`` is smooth in the positions: the in-plane basis sign is taken from the reduced cell
+  (``periodic_sign = "basis"``), not from the structure (which jumps where its probe crosses 0);
+  the price is that ``(a, b) -> (-a, -b)`` changes one FLT draw's attention (not the mask);
 * ``F`` is zero on padding and does not depend on what else is in the batch.
 
 Energies and forces are in the task's normalised units: the task maps
@@ -106,6 +107,11 @@ class S2EFModel(IS2REModel):
 
     def __init__(self, config: S2EFModelConfig):
         super().__init__(config)
+        # A potential must be smooth in the positions: keep the reduced basis's sign (see the
+        # module docstring) in every periodic draw.
+        for rpe in (self.rpe, self.context_rpe):
+            if rpe is not None:
+                rpe.periodic_sign = "basis"
 
     def forward(self, batch: Any, *, forces: bool | None = None,
                 create_graph: bool | None = None) -> dict[str, torch.Tensor | None]:

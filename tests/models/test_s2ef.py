@@ -122,16 +122,19 @@ def test_in_plane_translation_changes_nothing_and_forces_sum_to_zero(items, atte
     assert float(a["forces"].sum(1).abs().max()) < 1e-9
 
 
-def test_flt_in_plane_translation_is_not_exact_per_draw(items):
-    """FLT: the RPE features of one draw are wrap-invariant, but FAVOR+ projects them with a fixed
-    Gaussian matrix, which sees their absolute phase: a translation by a fraction of a lattice
-    vector changes the energy (it is invariant in expectation over the kernel draw). Documented in
-    the README; ``data.random_translation`` teaches the invariance."""
+def test_flt_in_plane_translation_is_exact_per_draw(items):
+    """One FLT draw: the attention features' phases are measured from a canonical origin, so an
+    in-plane translation by a fraction of a lattice vector changes neither energy nor forces, and
+    the forces sum to zero (the gradient of a translation-invariant energy)."""
     model = tiny("flt")
     batch = batch64(items[:2])
     shift = torch.tensor([0.37, -1.21, 0.0], dtype=D64)
-    e0, e1 = _energy(model, batch), _energy(model, replace(batch, pos=batch.pos + shift))
-    assert not torch.allclose(e0, e1, rtol=1e-6, atol=1e-8)
+    a, b = model(batch), model(replace(batch, pos=batch.pos + shift))
+    torch.testing.assert_close(b["energy"], a["energy"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(b["forces"], a["forces"], rtol=1e-7, atol=1e-9)
+    real = (~batch.padding_mask)[..., None].to(D64)
+    net = (a["forces"] * real).sum(1)
+    assert float(net.abs().max()) < 1e-8 * max(1.0, float(a["forces"].abs().max()))
 
 
 def test_forces_vanish_on_padding_and_ignore_the_rest_of_the_batch(items):
