@@ -204,10 +204,15 @@ def resolve_path(spec: str) -> Path:
     return path
 
 
-def open_split(spec: str) -> Dataset:
+def open_split(spec: str, *, max_items: int | None = None) -> Dataset:
+    """The split ``spec`` names (an LMDB, a folder of shards, ``emt:SPLIT``), its first
+    ``max_items`` structures when given."""
     from flt_mol.data.oc20 import OC20LMDB
 
-    return OC20LMDB(resolve_path(spec))
+    ds = OC20LMDB(resolve_path(spec))
+    if max_items is not None and max_items < len(ds):
+        ds = torch.utils.data.Subset(ds, range(max_items))
+    return ds
 
 
 def random_rotations(keys: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
@@ -334,10 +339,7 @@ class IS2RETask(Task):
 
     # -- data ---------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
-        ds = open_split(self.data.train)
-        if self.data.max_train_items is not None and self.data.max_train_items < len(ds):
-            ds = torch.utils.data.Subset(ds, range(self.data.max_train_items))
-        return ds
+        return open_split(self.data.train, max_items=self.data.max_train_items)
 
     def val_datasets(self) -> dict[str, Dataset]:
         return {split_name(spec): open_split(spec) for spec in self.data.val}
@@ -636,19 +638,10 @@ class S2EFTask(Task):
 
     # -- data ---------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
-        ds = open_split(self.data.train)
-        if self.data.max_train_items is not None and self.data.max_train_items < len(ds):
-            ds = torch.utils.data.Subset(ds, range(self.data.max_train_items))
-        return ds
+        return open_split(self.data.train, max_items=self.data.max_train_items)
 
     def val_datasets(self) -> dict[str, Dataset]:
-        out = {}
-        for spec in self.data.val:
-            ds = open_split(spec)
-            if self.data.max_val_items is not None and self.data.max_val_items < len(ds):
-                ds = torch.utils.data.Subset(ds, range(self.data.max_val_items))
-            out[split_name(spec)] = ds
-        return out
+        return {split_name(spec): open_split(spec, max_items=self.data.max_val_items) for spec in self.data.val}
 
     def collate_fn(self) -> Callable:
         return EnergyFieldCollater(self.data.energy_target)
