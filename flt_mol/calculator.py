@@ -43,23 +43,11 @@ __all__ = ["FLTCalculator", "atoms_to_item", "translation_sensitivity"]
 def atoms_to_item(atoms: Any) -> Any:
     """The OC20 ``Data`` the model reads for an ASE ``Atoms`` (positions, cell, pbc, numbers, OC20
     tags, ``fixed`` from ``FixAtoms``); nothing is read from an attached calculator."""
-    from ase.constraints import FixAtoms
     from torch_geometric.data import Data
 
-    n = len(atoms)
-    fixed = np.zeros(n, dtype=np.float32)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed[constraint.index] = 1.0
-    return Data(
-        pos=torch.tensor(np.asarray(atoms.get_positions()), dtype=torch.float64),
-        cell=torch.tensor(np.asarray(atoms.get_cell(complete=True)), dtype=torch.float64).view(1, 3, 3),
-        atomic_numbers=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.float32),
-        natoms=n,
-        tags=torch.tensor(atoms.get_tags(), dtype=torch.long),
-        fixed=torch.from_numpy(fixed),
-        pbc=torch.tensor(np.asarray(atoms.get_pbc(), dtype=bool)).view(1, 3),
-    )
+    from flt_mol.data.oc20 import structure_fields
+
+    return Data(**structure_fields(atoms, dtype=torch.float64))
 
 
 class FLTCalculator(Calculator):

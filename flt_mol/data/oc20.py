@@ -584,6 +584,28 @@ def oc20_tags_from_ase_layers(atoms: ase.Atoms) -> np.ndarray:
     return out
 
 
+def structure_fields(atoms: ase.Atoms, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The geometry fields of one ASE structure as OC20 stores them: ``pos`` and ``cell`` in
+    ``dtype``, ``atomic_numbers``, ``natoms``, OC20 ``tags`` as they are, ``fixed`` = 1 on the
+    atoms of every ``FixAtoms`` constraint, ``pbc [1, 3]``. Nothing is read from a calculator."""
+    from ase.constraints import FixAtoms
+
+    n = len(atoms)
+    fixed = np.zeros(n, dtype=np.float32)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            fixed[constraint.index] = 1.0
+    return {
+        "pos": torch.tensor(np.asarray(atoms.get_positions()), dtype=dtype),
+        "cell": torch.tensor(np.asarray(atoms.get_cell(complete=True)), dtype=dtype).view(1, 3, 3),
+        "atomic_numbers": torch.tensor(atoms.get_atomic_numbers(), dtype=torch.float32),
+        "natoms": n,
+        "tags": torch.tensor(atoms.get_tags(), dtype=torch.long),
+        "fixed": torch.from_numpy(fixed),
+        "pbc": torch.tensor(np.asarray(atoms.get_pbc(), dtype=bool)).view(1, 3),
+    }
+
+
 def atoms_to_data(
     atoms: ase.Atoms,
     *,
@@ -609,22 +631,8 @@ def atoms_to_data(
     Raises:
         ValueError: ``relaxed`` has other elements or another atom count than ``atoms``.
     """
-    from ase.constraints import FixAtoms
-
     n = len(atoms)
-    fixed = np.zeros(n, dtype=np.float32)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed[constraint.index] = 1.0
-    data = Data(
-        pos=torch.tensor(np.asarray(atoms.get_positions()), dtype=torch.float32),
-        cell=torch.tensor(np.asarray(atoms.get_cell(complete=True)), dtype=torch.float32).view(1, 3, 3),
-        atomic_numbers=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.float32),
-        natoms=n,
-        tags=torch.tensor(atoms.get_tags(), dtype=torch.long),
-        fixed=torch.from_numpy(fixed),
-        pbc=torch.tensor(np.asarray(atoms.get_pbc(), dtype=bool)).view(1, 3),
-    )
+    data = Data(**structure_fields(atoms))
     if sid is not None:
         data.sid = int(sid)
     energy = y_init if y_init is not None else _stored_energy(atoms)
