@@ -34,6 +34,7 @@ import torch
 
 from flt_mol.attention.feature_maps import FavorPlusFeatureMap
 from flt_mol.attention.rpe import features_from_angles
+from flt_mol.models.is2re import attention_origin_weights
 
 __all__ = ["supports_chunked", "chunked_energy", "DEFAULT_CHUNK_ATOMS", "CHUNK_ABOVE"]
 
@@ -116,8 +117,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
     del u_ctx
 
     # -- the layer stack, blocks times, two passes per layer --------------------------------------
-    ads = (tags == 2) & real
-    origin = torch.where(ads.any(1, keepdim=True), ads, real).to(pos.dtype)
+    origin = attention_origin_weights(tags, real).to(pos.dtype)
     u_att = lattice.fractional(pos, pad, origin, sign=model.rpe.periodic_sign if model.rpe is not None else "structure")  # fp64
     per_layer = []
     for layer in model.layers:

@@ -48,6 +48,7 @@ __all__ = [
     "periodic_context_cs",
     "periodic_displacement",
     "periodic_displacement_exact",
+    "attention_origin_weights",
     "energy_readout",
 ]
 
@@ -293,6 +294,17 @@ def periodic_displacement_exact(rpe, pos: torch.Tensor, lattice, *, query: torch
     return torch.einsum("blk,bxk->blx", w, frame).to(pos.dtype)
 
 
+def attention_origin_weights(tags: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Weights of the canonical origin of the attention features' phases (translation invariance
+    of one draw, :meth:`~flt_mol.attention.periodic.PeriodicLattice.orient`): the adsorbate
+    (tag 2) where a structure has one, else every real atom.
+
+    Shapes: ``tags, real [B, L]`` -> ``[B, L]`` bool.
+    """
+    ads = (tags == 2) & real
+    return torch.where(ads.any(1, keepdim=True), ads, real)
+
+
 def energy_readout(atom_energy: torch.Tensor, *, tags: torch.Tensor, tag_factor: torch.Tensor,
                    readout_mask: torch.Tensor) -> torch.Tensor:
     """``E_b = sum_{i in readout} gamma[t_i] e_i``.
@@ -463,10 +475,7 @@ class IS2REModel(nn.Module):
             cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
             context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
                                           f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
-        # Canonical origin of the attention features' phases (translation invariance of one
-        # draw): the adsorbate where there is one, else every atom.
-        ads = (tags == 2) & real
-        origin = torch.where(ads.any(1, keepdim=True), ads, real).to(pos.dtype)
+        origin = attention_origin_weights(tags, real).to(pos.dtype)
         h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice, origin_weights=origin)
         energy = self._energy(h, tags, real)
         displacement = None
