@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "orthogonal_gaussian_matrix",
     "favor_plus_features",
+    "favor_plus_prefix",
     "relu_features",
     "elu_features",
     "FavorPlusFeatureMap",
@@ -97,6 +98,7 @@ def favor_plus_features(
     is_query: bool,
     padding_mask: torch.Tensor | None = None,
     stabilize: bool = True,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """FAVOR+ positive random features.
 
@@ -112,16 +114,32 @@ def favor_plus_features(
             they are left out of the key stabiliser).
         stabilize: subtract the stabiliser (False gives the raw, unbiased-for-``exp(q.k)`` map;
             for tests only, it overflows for large inputs).
+        prefix: ``(W_p p, |p|^2)`` (:func:`favor_plus_prefix`) of a leading block ``p`` of the
+            input: the features are then those of ``[p, x]`` with ``projection = [W_p, W_x]``,
+            without forming the concatenation. A ``p`` shared by several calls (FLT's RPE
+            features, fixed for a structure across refinement blocks) is projected once.
 
-    Shapes: ``x [B, H, L, d]`` -> ``[B, H, L, m]`` (fp32).
+    Shapes: ``x [B, H, L, d]`` -> ``[B, H, L, m]`` (fp32); with ``prefix``, ``x [B, H, L, d - d_p]``
+    and the prefix's tensors ``[B or 1, H, L, m]`` and ``[B or 1, H, L, 1]``.
     """
-    if x.shape[-1] != projection.shape[-1]:
+    if prefix is None and x.shape[-1] != projection.shape[-1]:
         raise ValueError(f"x has width {x.shape[-1]} but projection expects {projection.shape[-1]}")
+    if prefix is not None and x.shape[-1] >= projection.shape[-1]:
+        raise ValueError(f"x has width {x.shape[-1]}: with a prefix it must be narrower than the "
+                         f"projection ({projection.shape[-1]})")
     x = x.to(accumulation_dtype(x.dtype))
     m = projection.shape[0]
-    wx = torch.matmul(x, projection.to(x.dtype).T)  # [b h l m], a fresh buffer
+    if prefix is None:
+        wx = torch.matmul(x, projection.to(x.dtype).T)  # [b h l m], a fresh buffer
+    else:
+        wx = torch.matmul(x, projection[:, projection.shape[-1] - x.shape[-1]:].to(x.dtype).T).add_(prefix[0])
+
+    def half_sq() -> torch.Tensor:  # |[p, x]|^2 / 2
+        sq = (x * x).sum(dim=-1, keepdim=True)
+        return 0.5 * (sq + prefix[1] if prefix is not None else sq)
+
     if not stabilize:
-        out = torch.exp(wx - 0.5 * (x * x).sum(dim=-1, keepdim=True)) * (1.0 / math.sqrt(m))
+        out = torch.exp(wx - half_sq()) * (1.0 / math.sqrt(m))
         keep = None if is_query else _key_keep(padding_mask, x)
         return out * keep if keep is not None else out
     # The buffer from the matmul is updated in place (its backward does not need it): one
@@ -133,8 +151,7 @@ def favor_plus_features(
         with torch.no_grad():
             stab = wx.amax(dim=-1, keepdim=True) + log_sqrt_m
         return wx.sub_(stab).exp_()
-    sq = 0.5 * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
-    wx = wx.sub_(sq)
+    wx = wx.sub_(half_sq())
     keep = _key_keep(padding_mask, x)
     if keep is not None:
         wx = wx.masked_fill_(keep == 0, float("-inf"))
@@ -143,6 +160,17 @@ def favor_plus_features(
         # A fully padded example would give stab = -inf; any finite constant is fine there.
         stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab)) + log_sqrt_m
     return wx.sub_(stab).exp_()
+
+
+def favor_plus_prefix(p: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p W_p^T, |p|^2)`` of a leading input block ``p`` for :func:`favor_plus_features`'s ``prefix``.
+
+    ``W_p`` is the first ``d_p`` columns of ``projection [m, d]``. Shapes: ``p [..., L, d_p]`` ->
+    ``([..., L, m], [..., L, 1])`` in the accumulation dtype.
+    """
+    p = p.to(accumulation_dtype(p.dtype))
+    w = projection[:, : p.shape[-1]].to(p.dtype)
+    return torch.matmul(p, w.T), (p * p).sum(dim=-1, keepdim=True)
 
 
 def relu_features(
@@ -203,12 +231,20 @@ class FavorPlusFeatureMap(nn.Module):
         )
         self.projection.copy_(w)
 
+    # The features of [p, x] can be taken from a projected prefix p (favor_plus_prefix).
+    supports_prefix = True
+
     def forward(
-        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return favor_plus_features(
-            x, projection=self.projection, is_query=is_query, padding_mask=padding_mask
+            x, projection=self.projection, is_query=is_query, padding_mask=padding_mask, prefix=prefix
         )
+
+    def prefix(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`favor_plus_prefix` with this map's projection."""
+        return favor_plus_prefix(p, self.projection)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_features={self.num_features}"
@@ -216,6 +252,8 @@ class FavorPlusFeatureMap(nn.Module):
 
 class ReLUFeatureMap(FavorPlusFeatureMap):
     """Random ReLU features ``relu(W x)/sqrt(m)`` with an orthogonal Gaussian ``W`` buffer."""
+
+    supports_prefix = False
 
     def forward(
         self, x: torch.Tensor, *, is_query: bool, padding_mask: torch.Tensor | None = None

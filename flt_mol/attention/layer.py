@@ -31,9 +31,11 @@ from flt_mol.attention.linear import (
     linear_attention_weights,
 )
 from flt_mol.attention.periodic import PeriodicLattice
+from typing import NamedTuple
+
 from flt_mol.attention.rpe import RPE_SPLITS, SpectralRPE
 
-__all__ = ["FLTAttention", "MODES", "center_positions"]
+__all__ = ["FLTAttention", "MODES", "PreparedRPE", "center_positions"]
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,22 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype))
 
 MODES = ("flt", "performer", "exact")
+
+
+class PreparedRPE(NamedTuple):
+    """A layer's RPE features with their kernel projections, for repeated calls on one geometry.
+
+    ``n1, n2 [B, H, L, 2r]`` (:meth:`FLTAttention.rpe_features`); ``query, key``: the FAVOR+
+    ``prefix`` of ``n1`` and ``n2`` (``(n W_n^T, |n|^2)``, see
+    :func:`~flt_mol.attention.feature_maps.favor_plus_prefix`), or None when the kernel map has no
+    prefix form. ``phi([n1, q]) = phi(q; prefix=query)`` exactly: the RPE block of the
+    projection is applied once per geometry, not once per call.
+    """
+
+    n1: torch.Tensor
+    n2: torch.Tensor
+    query: tuple[torch.Tensor, torch.Tensor] | None
+    key: tuple[torch.Tensor, torch.Tensor] | None
 
 # Inputs up to this many elements (B L D) take the fused Q/K/V projection in the linear modes
 # (e.g. the EMT demo's 16 x ~45 tokens x 64); above it, one projection at a time (memory).
@@ -260,24 +278,36 @@ class FLTAttention(nn.Module):
 
     def rpe_features(
         self, pos: torch.Tensor, padding_mask: torch.Tensor | None = None, *, lattice: PeriodicLattice | None = None,
-        origin_weights: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None, oriented: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's RPE features ``(n1, n2)``, each ``[B, H, L, 2r]`` fp32, from its fixed noise.
 
         They depend only on the positions (and cell), the RPE parameters and the noise: a model
         that applies the same layer several times to the same structure (iterative refinement)
-        computes them once and passes them to :meth:`forward` as ``rpe_features``.
+        computes them once and passes them to :meth:`forward` as ``rpe_features``. ``oriented``:
+        the periodic canonical coordinates, when the caller shares them between layers
+        (:meth:`SpectralRPE.periodic_draw`).
         """
         if self.mode != "flt":
             raise ValueError(f"rpe_features are used by mode='flt' only (this layer is {self.mode!r})")
         with torch.autocast(device_type=pos.device.type, enabled=False):
             if lattice is not None:  # periodic: wrapped fractional phases, nothing to centre
                 return self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split,
-                                         lattice=lattice, padding_mask=padding_mask, origin_weights=origin_weights)
+                                         lattice=lattice, padding_mask=padding_mask, origin_weights=origin_weights,
+                                         oriented=oriented)
             pos = center_positions(
                 pos, padding_mask=padding_mask, causal=self.causal, integer=self.rpe.integer_positions
             )
             return self.rpe.features(pos, self.num_rpe_features, noise=self.rpe_noise, split=self.rpe_split)
+
+    def prepare_rpe(self, rpe_features: tuple[torch.Tensor, torch.Tensor]) -> PreparedRPE:
+        """``(n1, n2)`` -> :class:`PreparedRPE` (their kernel projections computed once), for
+        :meth:`forward`'s ``rpe_features`` when the same geometry is attended to several times."""
+        n1, n2 = rpe_features[0], rpe_features[1]
+        if not getattr(self.feature_map, "supports_prefix", False):
+            return PreparedRPE(n1, n2, None, None)
+        with torch.autocast(device_type=n1.device.type, enabled=False):
+            return PreparedRPE(n1, n2, self.feature_map.prefix(n1), self.feature_map.prefix(n2))
 
     def _linear_inputs(
         self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *,
@@ -295,9 +325,14 @@ class FLTAttention(nn.Module):
         """
         device_type = x.device.type
         n1 = n2 = None
+        prefix_q = prefix_k = None
         if self.mode == "flt":
-            n1, n2 = rpe_features if rpe_features is not None else self.rpe_features(
+            features = rpe_features if rpe_features is not None else self.rpe_features(
                 pos, padding_mask, lattice=lattice, origin_weights=origin_weights)
+            if isinstance(features, PreparedRPE) and features.query is not None:
+                prefix_q, prefix_k = features.query, features.key  # [n, .] without the concatenation
+            else:
+                n1, n2 = features[0], features[1]
         # Small inputs: one fused [3D, D] projection (fewer, larger ops; per-op overhead dominates
         # there). Large ones: one projection at a time, so only one [B, L, D] is alive at once.
         fused = x.numel() <= _FUSED_QKV_MAX_ELEMENTS
@@ -306,19 +341,25 @@ class FLTAttention(nn.Module):
         else:
             q = self._project_one(x, 0)
         with torch.autocast(device_type=device_type, enabled=False):
-            q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
+            if prefix_q is not None:
+                phi_q = self.feature_map(_acc(q), is_query=True, prefix=prefix_q)
+            else:
+                q_hat = torch.cat([n1, _acc(q)], dim=-1) if n1 is not None else _acc(q)
+                phi_q = self.feature_map(q_hat, is_query=True)
+                del q_hat
             del q, n1
-            phi_q = self.feature_map(q_hat, is_query=True)
-            del q_hat
         k = k_fused if fused else self._project_one(x, 1)
         with torch.autocast(device_type=device_type, enabled=False):
-            if n2 is not None:
-                k_hat = torch.cat([n2.expand(x.shape[0], -1, -1, -1), _acc(k)], dim=-1)
+            if prefix_k is not None:
+                phi_k = self.feature_map(_acc(k), is_query=False, padding_mask=padding_mask, prefix=prefix_k)
             else:
-                k_hat = _acc(k)
+                if n2 is not None:
+                    k_hat = torch.cat([n2.expand(x.shape[0], -1, -1, -1), _acc(k)], dim=-1)
+                else:
+                    k_hat = _acc(k)
+                phi_k = self.feature_map(k_hat, is_query=False, padding_mask=padding_mask)
+                del k_hat
             del k, n2
-            phi_k = self.feature_map(k_hat, is_query=False, padding_mask=padding_mask)
-            del k_hat
         v = (v_fused if fused else self._project_one(x, 2)) if with_values else None
         return phi_q, phi_k, v
 

@@ -221,7 +221,10 @@ class PeriodicLattice:
             raise ValueError(f"structure {i}: periodic cell is degenerate (cell rows {rows[i].tolist()})")
 
         # 3D: reduce all three rows. 2D: reduce (a, b) about the normal that points along c.
-        red3 = reduce_cell_3d(torch.where((P == 3)[:, None, None], rows, torch.eye(3, dtype=rows.dtype).expand_as(rows)))
+        # (Skipped when no row is 3D-periodic: the reduction is a loop of small ops, and its
+        # result is used on 3D rows only.)
+        eye3 = torch.eye(3, dtype=rows.dtype, device=rows.device).expand_as(rows)
+        red3 = reduce_cell_3d(torch.where((P == 3)[:, None, None], rows, eye3)) if bool((P == 3).any()) else eye3
         cross_ab = torch.linalg.cross(a, b)
         normal = cross_ab / cross_ab.norm(dim=-1, keepdim=True).clamp_min(1e-300)
         normal = torch.where((_dot(normal, c) < 0)[:, None], -normal, normal)
@@ -472,25 +475,68 @@ def periodic_mixture_log_density(
     ``p(q) = (1/T) sum_t prod_{j<P} boxmass_t(k_j) prod_{j>=P} N(k_j; 0, sigma_t^2)``: a probability
     on the periodic coordinates, a density on the others. Computed in fp64.
 
+    Evaluated as written (products and a sum of fp64 numbers, one log at the end), which is exact
+    to rounding wherever ``p >= 1e-280``: every term below fp64's range is then negligible against
+    the sum. That covers every frequency the sampler itself draws (``q`` lies in the box of the
+    term it was drawn from). Anything deeper in the tails is done entirely in log space
+    (:func:`_periodic_mixture_log_density_log_space`); both agree to fp64 rounding (tested).
+
     Shapes: ``k [B, H, F, 3]``, ``sigma [H, T]``, ``basis [B, 3, 3]``, ``periodic_dims [B]``
     -> ``[B, H, F]``.
     """
     k = k.double()
-    s = sigma.double()[None, :, None, :, None]  # [1, H, 1, T, 1]
-    kk = k[..., None, :]  # [B, H, F, 1, 3]
-    half = 0.5 / torch.diagonal(basis.double(), dim1=-2, dim2=-1)[:, None, None, None, :]  # [B,1,1,1,3]
+    nmin, nmax = _periodic_range(periodic_dims)
+    u, v, inv_s = _box_inputs(k, sigma, basis)
     periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
-    # Coordinates [0, nmin) are snapped in every structure (box masses only), [nmax, 3) in none
-    # (Gaussian densities only); only the coordinates in between need both and a choice.
-    nmin = int(periodic_dims.min()) if periodic_dims.numel() else 0
-    nmax = int(periodic_dims.max()) if periodic_dims.numel() else 0
-    # One coordinate at a time on contiguous [B, H, F, T] tensors (fewer, cheaper ops than a
-    # strided [..., 3] layout); |k| / sqrt 2 and the half-widths are combined before broadcasting.
-    u = k.abs() * _SQRT_HALF  # [B, H, F, 3]
-    v = half[:, 0, 0, 0] * _SQRT_HALF  # [B, 3]
-    inv_s = 1.0 / sigma.double()  # [H, T]
-    inv_s = inv_s[None, :, None, :]  # [1, H, 1, T]
+    # One coordinate at a time on contiguous [B, H, F, T] tensors; the 1/2 of each box mass and
+    # the Gaussians' 1/sqrt(2 pi) are applied once, to the [B, H, F] sum.
+    per_term = None
+    boxes = gausses = 0
+    for j in range(3):
+        if j < nmax:
+            uj, vj = u[..., j, None], v[:, j, None, None, None]  # [B, H, F, 1], [B, 1, 1, 1]
+            box = torch.special.erfc((uj - vj) * inv_s) - torch.special.erfc((uj + vj) * inv_s)  # 2 P(box)
+        if j >= nmin:
+            z = k[..., j, None] * inv_s * _SQRT_HALF  # [B, H, F, T]
+            gauss = torch.exp(-z * z) * inv_s  # sqrt(2 pi) N(k_j; 0, s^2)
+        if j < nmin:
+            term, boxes = box, boxes + 1
+        elif j >= nmax:
+            term, gausses = gauss, gausses + 1
+        else:  # mixed batch: this coordinate is snapped in some structures only
+            term = torch.where(periodic[..., j], box, gauss * math.sqrt(2.0 / math.pi))
+            boxes += 1
+        per_term = term if per_term is None else per_term * term
+    total = per_term.sum(-1)
+    if not bool((total >= 1e-280).all()):  # deep tails (never for the sampler's own draws)
+        return _periodic_mixture_log_density_log_space(k, sigma, basis, periodic_dims)
+    # boxes carry 2 P, Gaussians sqrt(2 pi) N; the mixed coordinate was brought to the box's scale.
+    return torch.log(total) - boxes * _LOG2 - gausses * 0.5 * math.log(2.0 * math.pi) - math.log(sigma.shape[-1])
 
+
+def _periodic_range(periodic_dims: torch.Tensor) -> tuple[int, int]:
+    """Coordinates ``[0, nmin)`` are snapped in every structure (box masses only), ``[nmax, 3)`` in
+    none (Gaussian densities only); only those in between need both and a choice."""
+    if not periodic_dims.numel():
+        return 0, 0
+    return int(periodic_dims.min()), int(periodic_dims.max())
+
+
+def _box_inputs(k: torch.Tensor, sigma: torch.Tensor, basis: torch.Tensor):
+    """``|k| / sqrt 2 [B, H, F, 3]``, box half-widths ``/ sqrt 2 [B, 3]``, ``1 / sigma [1, H, 1, T]`` (fp64)."""
+    half = 0.5 / torch.diagonal(basis.double(), dim1=-2, dim2=-1)  # [B, 3]
+    inv_s = (1.0 / sigma.double())[None, :, None, :]
+    return k.abs() * _SQRT_HALF, half * _SQRT_HALF, inv_s
+
+
+def _periodic_mixture_log_density_log_space(
+    k: torch.Tensor, sigma: torch.Tensor, basis: torch.Tensor, periodic_dims: torch.Tensor
+) -> torch.Tensor:
+    """:func:`periodic_mixture_log_density` term by term in log space (any depth of tail)."""
+    s = sigma.double()[None, :, None, :, None]  # [1, H, 1, T, 1]
+    periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
+    nmin, nmax = _periodic_range(periodic_dims)
+    u, v, inv_s = _box_inputs(k, sigma, basis)
     per_term = None
     for j in range(3):
         if j < nmax:

@@ -300,6 +300,7 @@ class SpectralRPE(nn.Module):
         lattice: PeriodicLattice | None = None,
         padding_mask: torch.Tensor | None = None,
         origin_weights: torch.Tensor | None = None,
+        oriented: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random features ``(n1, n2)`` with ``E[n1 @ n2^T] = mask(pos_i - pos_j)`` per head.
 
@@ -322,6 +323,8 @@ class SpectralRPE(nn.Module):
             padding_mask: ``[B, L]`` (True = pad); ``origin_weights`` ``[B, L]``: periodic
                 features measure phases from the weighted canonical origin of
                 :meth:`PeriodicLattice.fractional` (the mask does not depend on it).
+            oriented: ``lattice.orient(pos, padding_mask, origin_weights, sign=self.periodic_sign)``
+                when the caller already has it (several draws on the same positions share it).
 
         Shapes: returns two ``[B, H, L, 2F]`` fp32 tensors.
         """
@@ -330,7 +333,8 @@ class SpectralRPE(nn.Module):
         noise = self._noise_for(num_features, generator, noise, pos.device)
         lattice = self._lattice_of(pos, cell, pbc, lattice)
         if lattice is not None:
-            draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask, origin_weights=origin_weights)
+            draw = self.periodic_draw(pos, noise, lattice, padding_mask=padding_mask, origin_weights=origin_weights,
+                                      oriented=oriented)
             return features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced, signed=signed)
         xi, a = self.sample(noise)
         return rpe_features(pos, xi, a, balanced=balanced, signed=signed)
@@ -430,6 +434,7 @@ class SpectralRPE(nn.Module):
         *,
         padding_mask: torch.Tensor | None = None,
         origin_weights: torch.Tensor | None = None,
+        oriented: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PeriodicDraw:
         """Snap the noise's frequencies onto each structure's reciprocal lattice (DESIGN §7).
 
@@ -438,11 +443,17 @@ class SpectralRPE(nn.Module):
         rotation by pi about the normal that relates ``(a, b)`` to ``(-a, -b)``, the one choice a
         reduced plane basis leaves open.
 
+        ``oriented``: ``lattice.orient(pos, padding_mask, origin_weights, sign=self.periodic_sign)``,
+        precomputed (every draw of a forward pass on the same positions can share it; sums over
+        atoms do not depend on the origin, so a context draw may share the attention's).
+
         Shapes: ``pos [B, L, 3]``, ``noise [H, F, w]`` -> :class:`PeriodicDraw`.
         """
         lattice = lattice.to(pos.device)
         draw = self.periodic_frequencies(noise, lattice)
-        u, frame = lattice.orient(pos, padding_mask, origin_weights, sign=self.periodic_sign)  # fp64
+        if oriented is None:
+            oriented = lattice.orient(pos, padding_mask, origin_weights, sign=self.periodic_sign)
+        u, frame = oriented  # fp64
         phase = self.periodic_phase(u, draw.q, torch.promote_types(pos.dtype, torch.float32))
         return replace(draw, phase=phase, frame=frame)
 

@@ -467,16 +467,23 @@ class IS2REModel(nn.Module):
         real = ~pad & ~batch.is_image
         exact = self.config.context == "exact"
         rpe = self.context_rpe
+        origin = attention_origin_weights(tags, real).to(pos.dtype)
+        # Canonical coordinates once, shared by every periodic draw of this pass (the context's
+        # sums do not depend on the origin; the attention features do, through FAVOR+).
+        shared = self.rpe is None or self.rpe.periodic_sign == rpe.periodic_sign
+        oriented = None
+        if not exact or (shared and self.config.attention == "flt"):
+            oriented = lattice.orient(pos, pad, origin, sign=rpe.periodic_sign)
         if exact:
             context = periodic_context_exact(rpe, pos, lattice, padding_mask=pad).to(pos.dtype)
         else:
-            draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad)
+            draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad, oriented=oriented)
             # cos / sin once, shared by the context and the displacement head.
             cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
             context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
                                           f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
-        origin = attention_origin_weights(tags, real).to(pos.dtype)
-        h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice, origin_weights=origin)
+        h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice, origin_weights=origin,
+                        oriented=oriented if shared else None)
         energy = self._energy(h, tags, real)
         displacement = None
         if self.disp_query is not None:
@@ -490,14 +497,17 @@ class IS2REModel(nn.Module):
                                                      query=q, key=k, padding_mask=pad, cos_sin=cs).to(pos.dtype)
         return {"energy": energy, "displacement": displacement}
 
-    def _trunk(self, z, tags, context, pad, *, pos, **geometry) -> torch.Tensor:
-        """Embeddings + context, then ``blocks`` passes of the shared layer stack; ``[B, L, D]``."""
+    def _trunk(self, z, tags, context, pad, *, pos, oriented=None, **geometry) -> torch.Tensor:
+        """Embeddings + context, then ``blocks`` passes of the shared layer stack; ``[B, L, D]``.
+        ``oriented``: the periodic canonical coordinates, shared by every layer's RPE draw."""
         h = self.atom_embedding(z) + self.tag_embedding(tags) + self.context_proj(self.context_norm(context))
         h = h * (~pad)[..., None].to(h.dtype)
         # Each layer's RPE features depend on the geometry only: computed once, reused by every
         # refinement block.
+        extra = {"oriented": oriented} if oriented is not None else {}
         per_layer = [
-            dict(geometry, rpe_features=layer.attention.rpe_features(pos, pad, **geometry))
+            dict(geometry, rpe_features=layer.attention.prepare_rpe(
+                layer.attention.rpe_features(pos, pad, **geometry, **extra)))
             if layer.attention.mode == "flt" else geometry
             for layer in self.layers
         ]

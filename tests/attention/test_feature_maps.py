@@ -127,3 +127,29 @@ def test_learnable_relu_has_gradients_and_bad_kernel_raises():
     with pytest.raises(ValueError, match="padding_mask"):
         ReLUFeatureMap(4, 8)(torch.randn(1, 1, 2, 4), is_query=False, padding_mask=torch.zeros(1, 3, dtype=torch.bool))
     assert EluFeatureMap(4).out_features == 4
+
+
+@pytest.mark.parametrize("is_query", [True, False])
+@pytest.mark.parametrize("stabilize", [True, False])
+def test_favor_plus_prefix_equals_the_concatenated_input(is_query, stabilize):
+    from flt_mol.attention.feature_maps import favor_plus_prefix
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=g) * 0.5
+    x = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=g) * 0.5
+    w = orthogonal_gaussian_matrix(12, 10, dtype=torch.float64, generator=g)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    ref = favor_plus_features(torch.cat([p, x], -1), projection=w, is_query=is_query, padding_mask=pad,
+                              stabilize=stabilize)
+    out = favor_plus_features(x, projection=w, is_query=is_query, padding_mask=pad, stabilize=stabilize,
+                              prefix=favor_plus_prefix(p, w))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    # A prefix shared by the batch (leading dimension 1) broadcasts.
+    out1 = favor_plus_features(x, projection=w, is_query=is_query, stabilize=stabilize,
+                               prefix=favor_plus_prefix(p[:1], w))
+    ref1 = favor_plus_features(torch.cat([p[:1].expand_as(p), x], -1), projection=w, is_query=is_query,
+                               stabilize=stabilize)
+    torch.testing.assert_close(out1, ref1, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="narrower"):
+        favor_plus_features(torch.cat([p, x], -1), projection=w, is_query=is_query, prefix=favor_plus_prefix(p, w))

@@ -247,3 +247,27 @@ def test_exact_mode_batch_shared_positions_equal_per_example_positions(rpe_facto
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["favor+", "relu"])
+def test_prepared_rpe_features_equal_the_plain_ones_values_and_gradients(kernel):
+    layer = _layer("flt", kernel=kernel)
+    x, pos = _inputs()
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, 9:] = True
+    x.requires_grad_(True)
+
+    def run(prepare):
+        feats = layer.rpe_features(pos, pad)
+        if prepare:
+            feats = layer.prepare_rpe(feats)
+            assert (feats.query is None) == (kernel == "relu")
+        out = layer(x, pos, pad, rpe_features=feats)
+        grads = torch.autograd.grad(out[~pad].square().sum(), [x, *layer.rpe.parameters()])
+        return out, grads
+
+    out, grads = run(False)
+    out_p, grads_p = run(True)
+    torch.testing.assert_close(out_p, out, rtol=1e-10, atol=1e-12)
+    for g, g_p in zip(grads, grads_p):
+        torch.testing.assert_close(g_p, g, rtol=1e-9, atol=1e-12)

@@ -69,6 +69,28 @@ def test_mixture_density_matches_the_plain_form():
     torch.testing.assert_close(periodic_mixture_log_density(k, sig, basis, dims), ref, rtol=1e-13, atol=1e-13)
 
 
+def test_mixture_density_direct_form_equals_the_log_space_form(monkeypatch):
+    import flt_mol.attention.periodic as periodic
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(4, 3, 50, 3, dtype=torch.float64, generator=g) * 0.3
+    sig = torch.rand(3, 5, dtype=torch.float64, generator=g) + 0.1
+    basis = torch.tril(torch.rand(4, 3, 3, dtype=torch.float64, generator=g) + 0.5)
+    dims = torch.tensor([2, 3, 0, 2])
+    ref = periodic._periodic_mixture_log_density_log_space(k, sig, basis, dims)
+
+    def refuse(*args):
+        raise AssertionError("moderate frequencies must take the direct form")
+
+    monkeypatch.setattr(periodic, "_periodic_mixture_log_density_log_space", refuse)
+    for d in (dims, torch.tensor([2, 2, 2, 2]), torch.tensor([3, 3, 3, 3]), torch.tensor([0, 0, 0, 0])):
+        if d is not dims:
+            monkeypatch.undo()
+            ref = periodic._periodic_mixture_log_density_log_space(k, sig, basis, d)
+            monkeypatch.setattr(periodic, "_periodic_mixture_log_density_log_space", refuse)
+        torch.testing.assert_close(periodic_mixture_log_density(k, sig, basis, d), ref, rtol=1e-13, atol=1e-13)
+
+
 def test_context_and_displacement_on_cos_sin_equal_the_feature_forms():
     B, C, L, F = 3, 4, 7, 6
     phase = torch.rand(B, C, L, F, dtype=torch.float64) * 6.3
