@@ -82,6 +82,11 @@ def _inv_softplus(y: float) -> float:
 _SIGNED_SPLIT_EPS = 1e-4
 
 
+def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-head parameters ``[H, ...]`` for ``rows = G H`` stacked heads (row ``g H + h`` is head ``h``)."""
+    return t if rows == t.shape[0] else t.repeat(rows // t.shape[0], *([1] * (t.dim() - 1)))
+
+
 def rpe_features(
     pos: torch.Tensor, xi: torch.Tensor, a: torch.Tensor, *, balanced: bool, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +238,14 @@ class SpectralRPE(nn.Module):
             shape = tuple(delta.shape) if torch.is_tensor(delta) else type(delta).__name__
             raise ValueError(f"delta must be [..., {self.dim}] (dim of this RPE), got {shape}")
 
-    def _check_noise(self, noise: torch.Tensor, num_features: int | None) -> None:
+    def _check_noise(self, noise: torch.Tensor, num_features: int | None, *, groups: bool = False) -> None:
+        """``groups``: also accept ``[G H, F, w]``, several noises stacked (row ``g H + h`` is head ``h``)."""
         w = self.noise_width()
         if (
             not torch.is_tensor(noise)
             or noise.dim() != 3
-            or noise.shape[0] != self.num_heads
+            or (noise.shape[0] % self.num_heads != 0 or noise.shape[0] == 0 if groups
+                else noise.shape[0] != self.num_heads)
             or noise.shape[2] != w
             or (num_features is not None and noise.shape[1] != num_features)
         ):
@@ -419,8 +426,9 @@ class SpectralRPE(nn.Module):
         and the widths of the isotropic Gaussians whose uniform mixture they are drawn from."""
         raise self._periodic_unsupported()
 
-    def periodic_spectrum(self, k: torch.Tensor, moment: int = 0) -> torch.Tensor:
-        """``ghat(k)`` (``moment=0``) or ``sum_t s_t^2 ghat_t(k)`` (``moment=2``), ``[B, H, F]`` fp64."""
+    def periodic_spectrum(self, k: torch.Tensor, moment: int | tuple[int, ...] = 0):
+        """``ghat(k)`` (``moment=0``) or ``sum_t s_t^2 ghat_t(k)`` (``moment=2``), ``[B, H, F]`` fp64;
+        a tuple of moments gives a tuple (one evaluation of the terms)."""
         raise self._periodic_unsupported()
 
     def exact_periodic_mask(self, pos, lattice, *, drop_k0=False) -> torch.Tensor:
@@ -457,6 +465,36 @@ class SpectralRPE(nn.Module):
         phase = self.periodic_phase(u, draw.q, torch.promote_types(pos.dtype, torch.float32))
         return replace(draw, phase=phase, frame=frame)
 
+    def periodic_features_many(
+        self,
+        pos: torch.Tensor,
+        noises: list[torch.Tensor],
+        lattice: PeriodicLattice,
+        *,
+        split: str = "auto",
+        padding_mask: torch.Tensor | None = None,
+        origin_weights: torch.Tensor | None = None,
+        oriented: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[features(pos, noise=n, lattice=lattice, ...) for n in noises]`` in one pass.
+
+        Several layers that share this RPE (each with its own fixed noise) draw on the same
+        positions: stacking their noises as extra heads (row ``g H + h`` uses head ``h``'s
+        parameters) runs the sampler, the weights and the feature maps once, on larger tensors.
+        The values are those of one call per noise (tested).
+
+        Shapes: ``noises``: each ``[H, F, w]`` (one ``F`` for all) -> a list of ``(n1, n2)``, each
+        ``[B, H, L, 2F]``.
+        """
+        balanced, signed = self._check_split(split)
+        for noise in noises:
+            self._check_noise(noise, noises[0].shape[1])
+        H = self.num_heads
+        draw = self.periodic_draw(pos, torch.cat(list(noises), dim=0), lattice, padding_mask=padding_mask,
+                                  origin_weights=origin_weights, oriented=oriented)
+        n1, n2 = features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced, signed=signed)
+        return [(n1[:, g * H:(g + 1) * H], n2[:, g * H:(g + 1) * H]) for g in range(len(noises))]
+
     def periodic_frequencies(self, noise: torch.Tensor, lattice: PeriodicLattice) -> PeriodicDraw:
         """The per-structure part of :meth:`periodic_draw`: frequencies, proposal and ``k = 0`` flags,
         with an empty ``phase`` (``[B, H, 0, F]``); :meth:`periodic_phase` gives the phases of any
@@ -489,17 +527,20 @@ class SpectralRPE(nn.Module):
         turns = torch.einsum("bli,bhfi->bhlf", u, q)
         return (2.0 * math.pi) * torch.frac(turns).to(dtype)
 
-    def periodic_weights(self, draw: PeriodicDraw, moment: int = 0) -> torch.Tensor:
+    def periodic_weights(self, draw: PeriodicDraw, moment: int | tuple[int, ...] = 0):
         """Importance weights ``a = ghat(k) / (V_P p(q))`` (``moment=2``: ``sum_t s_t^2 ghat_t``), 0 at ``k = 0``.
 
         Gradients reach the spectrum's parameters through ``ghat`` only: ``k`` and ``p`` are
         samples (detached), which keeps the width gradients unbiased although ``q`` jumps as the
-        widths move. Shapes: ``[B, H, F]`` fp64.
+        widths move. Shapes: ``[B, H, F]`` fp64; a tuple of moments gives a tuple of them.
         """
-        g = self.periodic_spectrum(draw.k, moment)
-        log_norm = draw.log_p + torch.log(draw.lattice.covolume)[:, None, None]
-        a = g * torch.exp(-log_norm)
-        return torch.where(draw.zero, torch.zeros_like(a), a)
+        spectra = self.periodic_spectrum(draw.k, moment)
+        inv_norm = torch.exp(-(draw.log_p + torch.log(draw.lattice.covolume)[:, None, None]))
+        # where(), not a zeroed factor: the features take sqrt(a), whose gradient at a = 0 is
+        # infinite; where() sends the k = 0 samples no gradient at all.
+        weights = tuple(torch.where(draw.zero, 0.0, g * inv_norm) for g in
+                        (spectra if isinstance(moment, tuple) else (spectra,)))
+        return weights if isinstance(moment, tuple) else weights[0]
 
     def periodic_k0(self, lattice: PeriodicLattice) -> torch.Tensor:
         """The ``k = 0`` term ``ghat(0) / V`` of 3D-periodic structures (0 for the others), ``[B, H]`` fp64.
@@ -695,32 +736,37 @@ class GaussianBasisRPE(SpectralRPE):
         """Continuous frequencies of the configured sampler and its component widths (see base class).
 
         ``mixture``: ``xi = z / (2 pi s_t)`` with the term ``t`` from the noise, widths
-        ``1/(2 pi s_t)``; ``gaussian``: ``xi = sigma z``; ``standard``: ``xi = z``.
+        ``1/(2 pi s_t)``; ``gaussian``: ``xi = sigma z``; ``standard``: ``xi = z``. Stacked noises
+        ``[G H, F, w]`` (see :meth:`periodic_features_many`) give ``[G H, F, 3]`` and ``[G H, T']``.
         """
-        self._check_noise(noise, None)
+        self._check_noise(noise, None, groups=True)
         noise = _acc(noise)
         z = noise[..., : self.dim]
-        sigma_t = 1.0 / (2.0 * math.pi * self.scales)  # [H, T]
+        sigma_t = _per_row(1.0 / (2.0 * math.pi * self.scales), noise.shape[0])  # [G H, T]
         if self.sampler == "mixture":
             T = self.num_kernels
-            idx = (noise[..., self.dim] * T).long().clamp_(0, T - 1)  # [H, F]
+            idx = (noise[..., self.dim] * T).long().clamp_(0, T - 1)  # [G H, F]
             return z * torch.gather(sigma_t, 1, idx)[..., None], sigma_t
-        sigma = self.sigma[:, None]  # [H, 1]
+        sigma = _per_row(self.sigma[:, None], noise.shape[0])  # [G H, 1]
         return z * sigma[..., None], sigma
 
     def periodic_spectrum(self, k: torch.Tensor, moment: int = 0) -> torch.Tensor:
         """``ghat(k) = sum_t A_t (2 pi s_t^2)^{3/2} exp(-2 pi^2 s_t^2 |k|^2)`` (the 3D transform of
         ``f``); ``moment=2`` weights term ``t`` by ``s_t^2`` (the displacement head's spectrum).
 
-        Shapes: ``k [B, H, F, 3]`` -> ``[B, H, F]`` fp64 (differentiable in ``A_t``, ``s_t``).
+        Shapes: ``k [B, H, F, 3]`` -> ``[B, H, F]`` fp64 (differentiable in ``A_t``, ``s_t``); stacked
+        draws ``k [B, G H, F, 3]`` (:meth:`periodic_features_many`) -> ``[B, G H, F]``.
         """
-        if moment not in (0, 2):
-            raise ValueError(f"moment must be 0 or 2, got {moment}")
-        s2 = self.scales.double() ** 2  # [H, T]
+        moments = moment if isinstance(moment, tuple) else (moment,)
+        if any(m not in (0, 2) for m in moments):
+            raise ValueError(f"moment must be 0 or 2 (or a tuple of them), got {moment}")
+        s2 = _per_row(self.scales.double() ** 2, k.shape[1])  # [H, T]
         k2 = (k.double() ** 2).sum(-1)[..., None]  # [B, H, F, 1]
         log_g = 1.5 * torch.log(2.0 * math.pi * s2)[:, None, :] - 2.0 * math.pi**2 * s2[:, None, :] * k2
-        coef = self.amplitudes.double() * (s2 if moment == 2 else 1.0)  # [H, T]
-        return (coef[:, None, :] * torch.exp(log_g)).sum(-1)
+        terms = torch.exp(log_g)  # [B, H, F, T], shared by every moment asked for
+        amps = _per_row(self.amplitudes.double(), k.shape[1])  # [H, T]
+        out = tuple(torch.matmul(terms, (amps * s2 if m == 2 else amps)[..., None])[..., 0] for m in moments)
+        return out if isinstance(moment, tuple) else out[0]
 
     def exact_periodic_mask(self, pos: torch.Tensor, lattice: PeriodicLattice, *, drop_k0: bool = False) -> torch.Tensor:
         """Real-space lattice sum ``f_per(pos_i - pos_j)`` to convergence, ``[B, H, L, L]`` (O(L^2) reference)."""

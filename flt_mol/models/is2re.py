@@ -480,7 +480,9 @@ class IS2REModel(nn.Module):
             draw = rpe.periodic_draw(pos, self.context_noise, lattice, padding_mask=pad, oriented=oriented)
             # cos / sin once, shared by the context and the displacement head.
             cs = torch.cat([torch.cos(draw.phase), torch.sin(draw.phase)], dim=-1)  # [B, C, L, 2F]
-            context = periodic_context_cs(cs, rpe.periodic_weights(draw), k0=rpe.periodic_k0(lattice),
+            # The displacement head's weights (moment 2) share the context's spectrum terms.
+            weights = rpe.periodic_weights(draw, moment=(0, 2) if self.disp_query is not None else (0,))
+            context = periodic_context_cs(cs, weights[0], k0=rpe.periodic_k0(lattice),
                                           f0=rpe.amplitudes.sum(-1), periodic=periodic, padding_mask=pad)
         h = self._trunk(z, tags, context, pad, pos=pos, lattice=lattice, origin_weights=origin,
                         oriented=oriented if shared else None)
@@ -493,7 +495,7 @@ class IS2REModel(nn.Module):
             else:
                 # Frequencies in the input's coordinates: k_lab = k_frame @ F^T.
                 k_lab = torch.einsum("bcfk,bxk->bcfx", draw.k, draw.frame)
-                displacement = periodic_displacement(draw.phase, rpe.periodic_weights(draw, moment=2), k_lab,
+                displacement = periodic_displacement(draw.phase, weights[1], k_lab,
                                                      query=q, key=k, padding_mask=pad, cos_sin=cs).to(pos.dtype)
         return {"energy": energy, "displacement": displacement}
 
@@ -504,17 +506,39 @@ class IS2REModel(nn.Module):
         h = h * (~pad)[..., None].to(h.dtype)
         # Each layer's RPE features depend on the geometry only: computed once, reused by every
         # refinement block.
-        extra = {"oriented": oriented} if oriented is not None else {}
         per_layer = [
-            dict(geometry, rpe_features=layer.attention.prepare_rpe(
-                layer.attention.rpe_features(pos, pad, **geometry, **extra)))
-            if layer.attention.mode == "flt" else geometry
-            for layer in self.layers
+            dict(geometry, rpe_features=layer.attention.prepare_rpe(features))
+            if features is not None else geometry
+            for layer, features in zip(self.layers, self._layer_rpe_features(pos, pad, oriented, geometry))
         ]
         for _ in range(self.config.blocks):  # iterative refinement with shared weights
             for layer, extra in zip(self.layers, per_layer):
                 h = layer(h, pos, pad, **extra)
         return self.final_norm(h)
+
+    def _layer_rpe_features(self, pos, pad, oriented, geometry) -> list:
+        """Every layer's RPE features ``(n1, n2)`` (None for layers without), for one geometry.
+
+        The layers share one RPE module; on periodic structures their draws (one fixed noise
+        per layer) run as one stacked draw (:meth:`SpectralRPE.periodic_features_many`), the same
+        values as one draw per layer.
+        """
+        attentions = [layer.attention for layer in self.layers]
+        flt = [a for a in attentions if a.mode == "flt"]
+        lattice = geometry.get("lattice")
+        stack = (
+            lattice is not None and len(flt) > 1 and len(flt) == len(attentions)
+            and all(a.rpe is self.rpe and a.rpe_split == flt[0].rpe_split
+                    and a.num_rpe_features == flt[0].num_rpe_features for a in flt)
+        )
+        if not stack:
+            extra = {"oriented": oriented} if oriented is not None else {}
+            return [a.rpe_features(pos, pad, **geometry, **extra) if a.mode == "flt" else None for a in attentions]
+        with torch.autocast(device_type=pos.device.type, enabled=False):
+            return self.rpe.periodic_features_many(
+                pos, [a.rpe_noise for a in flt], lattice, split=flt[0].rpe_split, padding_mask=pad,
+                origin_weights=geometry.get("origin_weights"), oriented=oriented,
+            )
 
     def _energy(self, h, tags, real) -> torch.Tensor:
         atom_energy = self.energy_head(h).squeeze(-1)  # [B, L]

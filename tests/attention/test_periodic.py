@@ -472,3 +472,35 @@ def test_basis_sign_mode_keeps_the_reduced_basis():
     assert float((a - b).abs().max()) > 1e-6  # so the features differ; the mask does not
     with pytest.raises(ValueError, match="sign must be"):
         lat.orient(pos, sign="flip")
+
+
+@pytest.mark.parametrize("sampler", ["mixture", "gaussian"])
+@pytest.mark.parametrize("split", ["balanced", "signed_balanced"])
+def test_stacked_draws_equal_one_draw_per_noise(sampler, split):
+    cell, pbc = _batch()
+    lattice = PeriodicLattice.from_cell(cell, pbc)
+    rpe = _rpe(H=3, sampler=sampler)
+    g = torch.Generator().manual_seed(5)
+    pos = torch.randn(3, 6, 3, dtype=D64, generator=g) * 3
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[2, 4:] = True
+    noises = [rpe.draw_noise(8, generator=g).double() for _ in range(3)]
+    many = rpe.periodic_features_many(pos, noises, lattice, split=split, padding_mask=pad)
+    assert len(many) == 3
+    for noise, (n1, n2) in zip(noises, many):
+        r1, r2 = rpe.features(pos, 8, noise=noise, split=split, lattice=lattice, padding_mask=pad)
+        torch.testing.assert_close(n1, r1, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(n2, r2, rtol=1e-12, atol=1e-12)
+    # The amplitude and width gradients are those of the separate draws.
+    loss = lambda feats: sum((n1 * n2.flip(-2)).sum() for n1, n2 in feats)  # noqa: E731
+    params = list(rpe.parameters())
+    got = torch.autograd.grad(loss(many), params, allow_unused=True)
+    ref = torch.autograd.grad(loss([rpe.features(pos, 8, noise=n, split=split, lattice=lattice, padding_mask=pad)
+                                    for n in noises]), params, allow_unused=True)
+    assert sum(a is not None for a in got) >= 2  # amplitudes and widths
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="noise must be"):
+        rpe.periodic_features_many(pos, [noises[0], noises[0][:, :4]], lattice)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flt_mol.attention.periodic import PeriodicLattice, _log_box_mass_tail, log_box_mass, periodic_mixture_log_density
+from flt_mol.attention import GaussianBasisRPE
 from flt_mol.attention.rpe import features_from_angles
 from flt_mol.data.collate import collate_atoms
 from flt_mol.models.chunked import chunked_energy, supports_chunked
@@ -149,3 +150,19 @@ def test_compile_blocks_keeps_parameter_names():
     keys = list(model.state_dict())
     assert compile_blocks(model) == model.config.num_layers  # lazy: nothing is compiled until called
     assert list(model.state_dict()) == keys
+
+
+def test_spectrum_moments_at_once_equal_one_at_a_time():
+    rpe = GaussianBasisRPE(3, 4, 3).double()
+    k = torch.randn(2, 3, 5, 3, dtype=torch.float64)
+    both = rpe.periodic_spectrum(k, (0, 2))
+    torch.testing.assert_close(both[0], rpe.periodic_spectrum(k, 0), rtol=1e-14, atol=0)
+    torch.testing.assert_close(both[1], rpe.periodic_spectrum(k, 2), rtol=1e-14, atol=0)
+    # The definition: sum_t A_t s_t^(2 moment / 2) (2 pi s_t^2)^(3/2) exp(-2 pi^2 s_t^2 |k|^2).
+    s2, amps = rpe.scales.double() ** 2, rpe.amplitudes.double()
+    terms = amps[None, :, None, :] * (2 * math.pi * s2[None, :, None, :]) ** 1.5 * torch.exp(
+        -2 * math.pi**2 * s2[None, :, None, :] * (k**2).sum(-1)[..., None])
+    torch.testing.assert_close(both[0], terms.sum(-1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(both[1], (terms * s2[None, :, None, :]).sum(-1), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="moment"):
+        rpe.periodic_spectrum(k, (0, 1))
