@@ -80,14 +80,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _key_keep(padding_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``[B, L]`` pad mask -> ``[B, 1, L, 1]`` float keep mask broadcastable to ``x [B,H,L,m]``."""
-    if padding_mask is None:
-        return None
+def _check_key_mask(padding_mask: torch.Tensor, x: torch.Tensor) -> None:
     if padding_mask.dim() != 2 or padding_mask.shape[0] != x.shape[0] or padding_mask.shape[1] != x.shape[-2]:
         raise ValueError(
             f"padding_mask must be [B, L] = [{x.shape[0]}, {x.shape[-2]}], got {tuple(padding_mask.shape)}"
         )
+
+
+def _key_keep(padding_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``[B, L]`` pad mask -> ``[B, 1, L, 1]`` float keep mask broadcastable to ``x [B,H,L,m]``."""
+    if padding_mask is None:
+        return None
+    _check_key_mask(padding_mask, x)
     return (~padding_mask.bool()).to(x.dtype)[:, None, :, None]
 
 
@@ -149,16 +153,15 @@ def favor_plus_features(
         # The row stabiliser is max_m(Wx) - |x|^2/2, so Wx - |x|^2/2 - stab = Wx - max_m(Wx):
         # the query norm cancels exactly and is never computed.
         with torch.no_grad():
-            stab = wx.amax(dim=-1, keepdim=True) + log_sqrt_m
+            stab = wx.amax(dim=-1, keepdim=True).add_(log_sqrt_m)
         return wx.sub_(stab).exp_()
     wx = wx.sub_(half_sq())
-    keep = _key_keep(padding_mask, x)
-    if keep is not None:
-        wx = wx.masked_fill_(keep == 0, float("-inf"))
+    if padding_mask is not None:
+        _check_key_mask(padding_mask, x)
+        wx = wx.masked_fill_(padding_mask.bool()[:, None, :, None], float("-inf"))
     with torch.no_grad():
-        stab = wx.amax(dim=(-2, -1), keepdim=True)
         # A fully padded example would give stab = -inf; any finite constant is fine there.
-        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab)) + log_sqrt_m
+        stab = wx.amax(dim=(-2, -1), keepdim=True).nan_to_num_(neginf=0.0).add_(log_sqrt_m)
     return wx.sub_(stab).exp_()
 
 

@@ -427,7 +427,8 @@ class FLTAttention(nn.Module):
                         chunk_size=self.chunk_size,
                     )
                 else:
-                    out = linear_attention(phi_q, phi_k, _acc(v), padding_mask=padding_mask, value_keep=keep)
+                    # Every kernel feature map zeroes padded keys already (no second mask pass).
+                    out = linear_attention(phi_q, phi_k, _acc(v), value_keep=keep)
         out = out.to(out_dtype).transpose(1, 2).reshape(B, L, D)
         return self.out(out)
 
