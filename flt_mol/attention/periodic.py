@@ -479,34 +479,41 @@ def periodic_mixture_log_density(
     to rounding wherever ``p >= 1e-280``: every term below fp64's range is then negligible against
     the sum. That covers every frequency the sampler itself draws (``q`` lies in the box of the
     term it was drawn from). Anything deeper in the tails is done entirely in log space
-    (:func:`_periodic_mixture_log_density_log_space`); both agree to fp64 rounding (tested).
+    (:func:`_periodic_mixture_log_density_log_space`), as is a call that needs gradients; both
+    agree to fp64 rounding (tested).
 
     Shapes: ``k [B, H, F, 3]``, ``sigma [H, T]``, ``basis [B, 3, 3]``, ``periodic_dims [B]``
     -> ``[B, H, F]``.
     """
+    if torch.is_grad_enabled() and (k.requires_grad or sigma.requires_grad):
+        # Differentiable on request (the sampler's own use is on detached samples).
+        return _periodic_mixture_log_density_log_space(k, sigma, basis, periodic_dims)
     k = k.double()
     nmin, nmax = _periodic_range(periodic_dims)
     u, v, inv_s = _box_inputs(k, sigma, basis)
     periodic = (torch.arange(3, device=k.device)[None, :] < periodic_dims[:, None])[:, None, None, None, :]
     # One coordinate at a time on contiguous [B, H, F, T] tensors; the 1/2 of each box mass and
     # the Gaussians' 1/sqrt(2 pi) are applied once, to the [B, H, F] sum.
+    # In place on fresh [B, H, F, T] buffers (no autograd here: k and sigma are samples).
     per_term = None
     boxes = gausses = 0
+    inv_s_half = inv_s * _SQRT_HALF
     for j in range(3):
         if j < nmax:
             uj, vj = u[..., j, None], v[:, j, None, None, None]  # [B, H, F, 1], [B, 1, 1, 1]
-            box = torch.special.erfc((uj - vj) * inv_s) - torch.special.erfc((uj + vj) * inv_s)  # 2 P(box)
+            box = ((uj - vj) * inv_s).erfc_().sub_(((uj + vj) * inv_s).erfc_())  # 2 P(box)
         if j >= nmin:
-            z = k[..., j, None] * inv_s * _SQRT_HALF  # [B, H, F, T]
-            gauss = torch.exp(-z * z) * inv_s  # sqrt(2 pi) N(k_j; 0, s^2)
+            gauss = (k[..., j, None] * inv_s_half).square_().neg_().exp_()  # sqrt(2 pi) s N(k_j; 0, s^2)
         if j < nmin:
             term, boxes = box, boxes + 1
         elif j >= nmax:
             term, gausses = gauss, gausses + 1
         else:  # mixed batch: this coordinate is snapped in some structures only
-            term = torch.where(periodic[..., j], box, gauss * math.sqrt(2.0 / math.pi))
+            term = torch.where(periodic[..., j], box, gauss.mul_(inv_s * math.sqrt(2.0 / math.pi)))
             boxes += 1
-        per_term = term if per_term is None else per_term * term
+        per_term = term if per_term is None else per_term.mul_(term)
+    if gausses:  # the Gaussians' 1/s, once
+        per_term.mul_(inv_s**gausses)
     total = per_term.sum(-1)
     if not bool((total >= 1e-280).all()):  # deep tails (never for the sampler's own draws)
         return _periodic_mixture_log_density_log_space(k, sigma, basis, periodic_dims)
