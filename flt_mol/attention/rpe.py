@@ -524,8 +524,8 @@ class SpectralRPE(nn.Module):
         ``(-1, 1)``: a whole turn less than ``remainder(., 1)`` for negative ``q . u``, the same
         cos and sin; measured 6x cheaper than ``remainder`` in fp64).
         """
-        turns = torch.einsum("bli,bhfi->bhlf", u, q)
-        return (2.0 * math.pi) * torch.frac(turns).to(dtype)
+        turns = torch.einsum("bli,bhfi->bhlf", u, q).frac_()  # in place: einsum's backward needs its inputs only
+        return turns.to(dtype).mul_(2.0 * math.pi) if dtype != turns.dtype else turns.mul_(2.0 * math.pi)
 
     def periodic_weights(self, draw: PeriodicDraw, moment: int | tuple[int, ...] = 0):
         """Importance weights ``a = ghat(k) / (V_P p(q))`` (``moment=2``: ``sum_t s_t^2 ghat_t``), 0 at ``k = 0``.
