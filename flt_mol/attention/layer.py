@@ -307,7 +307,9 @@ class FLTAttention(nn.Module):
         if not getattr(self.feature_map, "supports_prefix", False):
             return PreparedRPE(n1, n2, None, None)
         with torch.autocast(device_type=n1.device.type, enabled=False):
-            return PreparedRPE(n1, n2, self.feature_map.prefix(n1), self.feature_map.prefix(n2))
+            query = self.feature_map.prefix(n1)
+            # The balanced split returns one tensor for both sides: project it once.
+            return PreparedRPE(n1, n2, query, query if n2 is n1 else self.feature_map.prefix(n2))
 
     def _linear_inputs(
         self, x: torch.Tensor, pos: torch.Tensor | None, padding_mask: torch.Tensor | None, *,

@@ -493,7 +493,11 @@ class SpectralRPE(nn.Module):
         draw = self.periodic_draw(pos, torch.cat(list(noises), dim=0), lattice, padding_mask=padding_mask,
                                   origin_weights=origin_weights, oriented=oriented)
         n1, n2 = features_from_angles(draw.phase, self.periodic_weights(draw), balanced=balanced, signed=signed)
-        return [(n1[:, g * H:(g + 1) * H], n2[:, g * H:(g + 1) * H]) for g in range(len(noises))]
+        out = []
+        for g in range(len(noises)):
+            m1 = n1[:, g * H:(g + 1) * H]
+            out.append((m1, m1 if n2 is n1 else n2[:, g * H:(g + 1) * H]))  # balanced: one tensor, as features()
+        return out
 
     def periodic_frequencies(self, noise: torch.Tensor, lattice: PeriodicLattice) -> PeriodicDraw:
         """The per-structure part of :meth:`periodic_draw`: frequencies, proposal and ``k = 0`` flags,
