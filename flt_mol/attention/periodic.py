@@ -33,12 +33,14 @@ Einsum letters: b batch, h heads, l atoms, f frequencies, i/j coordinates.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "PeriodicLattice",
+    "LatticeCache",
     "cell_frame",
     "reduce_cell_2d",
     "reduce_cell_3d",
@@ -335,6 +337,56 @@ class PeriodicLattice:
         fewer periodic directions get zero shifts marked invalid beyond ``n = 0``.
         """
         return lattice_images(self.basis, self.periodic_dims, cutoff)
+
+
+class LatticeCache:
+    """:meth:`PeriodicLattice.from_cell` with the reduced rows remembered per distinct ``(cell, pbc)``.
+
+    A training run meets each structure once per epoch and a relaxation or MD run meets the same
+    cell at every step; the reduction (a loop of small operations, ~0.5 ms per batch) is then
+    done once per distinct cell. Exact: ``from_cell`` treats every row on its own, so a batch
+    assembled from remembered rows holds the values a fresh reduction gives (to fp64 rounding).
+    Keys are the cell's fp64 bytes and the periodic flags, on the cell's device; at most
+    ``max_entries`` rows are kept (least recently used first out). Cells that require gradients
+    are always reduced afresh.
+
+    Shapes: ``__call__(cell [B, 3, 3], pbc [B, 3] | [3] | None) -> PeriodicLattice``.
+    """
+
+    def __init__(self, max_entries: int = 65536):
+        self.max_entries = max_entries
+        self._rows: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __call__(self, cell: torch.Tensor, pbc: torch.Tensor | None = None) -> PeriodicLattice:
+        if cell.requires_grad or cell.dim() != 3 or cell.shape[-2:] != (3, 3):
+            return PeriodicLattice.from_cell(cell, pbc)
+        B = cell.shape[0]
+        flags = torch.tensor([True, True, False]) if pbc is None else torch.as_tensor(pbc).bool().cpu()
+        if flags.dim() == 1:
+            flags = flags[None].expand(B, 3)
+        if flags.shape != (B, 3):
+            return PeriodicLattice.from_cell(cell, pbc)  # from_cell names the shape error
+        cells = cell.detach().double().cpu().numpy()
+        masks = flags.numpy()
+        device = str(cell.device)
+        keys = [(device, cells[i].tobytes(), masks[i].tobytes()) for i in range(B)]
+        if any(key not in self._rows for key in keys):
+            # The whole batch, so that from_cell's errors name the right structure.
+            fresh = PeriodicLattice.from_cell(cell, pbc)
+            for i, key in enumerate(keys):
+                self._rows[key] = (fresh.frame[i], fresh.basis[i], fresh.periodic_dims[i], fresh.covolume[i])
+            while len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+            return fresh
+        rows = []
+        for key in keys:
+            self._rows.move_to_end(key)
+            rows.append(self._rows[key])
+        frame, basis, dims, covolume = (torch.stack(parts) for parts in zip(*rows))
+        return PeriodicLattice(frame=frame, basis=basis, periodic_dims=dims, covolume=covolume)
 
 
 _ODD_PROBE: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flt_mol.attention.periodic import cell_frame
+from flt_mol.attention.periodic import LatticeCache, cell_frame
 from flt_mol.models.blocks import TransformerBlock
 
 __all__ = [
@@ -375,6 +375,8 @@ class IS2REModel(nn.Module):
             for _ in range(config.num_layers)
         )
         self.final_norm = nn.LayerNorm(d)
+        # Reduced cells, remembered per distinct cell (not state: rebuilt on demand).
+        self._lattices = LatticeCache()
         self.energy_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.tag_factor = nn.Parameter(torch.ones(config.num_tags))
         if config.displacement_head:
@@ -420,11 +422,9 @@ class IS2REModel(nn.Module):
         return self.context_rpe.features(pos, self.config.context_features, noise=self.context_noise)
 
     def lattice(self, batch: Any):
-        """The batch's :class:`~flt_mol.attention.periodic.PeriodicLattice` (``periodic: reciprocal``)."""
-        from flt_mol.attention.periodic import PeriodicLattice
-
-        pbc = getattr(batch, "pbc", None)
-        return PeriodicLattice.from_cell(batch.cell, pbc if pbc is not None else None)
+        """The batch's :class:`~flt_mol.attention.periodic.PeriodicLattice` (``periodic: reciprocal``),
+        reduced once per distinct cell (:class:`~flt_mol.attention.periodic.LatticeCache`)."""
+        return self._lattices(batch.cell, getattr(batch, "pbc", None))
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor | None]:
         if self.config.periodic == "reciprocal":

@@ -504,3 +504,42 @@ def test_stacked_draws_equal_one_draw_per_noise(sampler, split):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="noise must be"):
         rpe.periodic_features_many(pos, [noises[0], noises[0][:, :4]], lattice)
+
+
+def test_lattice_cache_gives_the_fresh_reduction_and_remembers_rows():
+    from flt_mol.attention.periodic import LatticeCache
+
+    cell, pbc = _batch()
+    g = torch.Generator().manual_seed(2)
+    other = cell.clone()
+    other[:2] = torch.einsum("ij,bjk->bik", _unimodular(3, g).double(), cell[:2])  # equivalent cells
+    cache = LatticeCache(max_entries=4)
+
+    def same(a, b):
+        for name in ("frame", "basis", "periodic_dims", "covolume"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-12)
+
+    same(cache(cell, pbc), PeriodicLattice.from_cell(cell, pbc))
+    assert len(cache) == 3
+    # A batch of remembered rows in another order, and one with a new row.
+    perm = torch.tensor([2, 0, 1])
+    same(cache(cell[perm], pbc[perm]), PeriodicLattice.from_cell(cell[perm], pbc[perm]))
+    assert len(cache) == 3
+    mixed = torch.stack([cell[0], other[1], cell[2]])
+    same(cache(mixed, pbc), PeriodicLattice.from_cell(mixed, pbc))
+    assert len(cache) == 4
+    same(cache(other, pbc), PeriodicLattice.from_cell(other, pbc))
+    assert len(cache) == 4  # least recently used rows evicted
+    # The same cell with other periodic flags is another row.
+    flags = pbc.clone()
+    flags[1] = True  # the slab's cell read as a 3D crystal
+    same(cache(cell, flags), PeriodicLattice.from_cell(cell, flags))
+    # Errors name the structure of the batch, cached rows or not.
+    bad = torch.stack([cell[0], torch.zeros(3, 3, dtype=D64), cell[0]])
+    with pytest.raises(ValueError, match="structure 1"):
+        cache(bad, torch.tensor([[True] * 3] * 3))
+    # A cell that needs gradients is reduced afresh (nothing remembered).
+    before = len(cache)
+    grad_cell = (cell + 0.01).requires_grad_(True)
+    same(cache(grad_cell, pbc), PeriodicLattice.from_cell(grad_cell, pbc))
+    assert len(cache) == before
