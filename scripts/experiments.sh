@@ -57,6 +57,15 @@ case "$section" in
       [ -f "$out/metrics.json" ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out "$out" run.seed=$seed
     done
     [ -f runs/s2ef/features_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/features_s0 model.context=features
+    for seed in 1 2; do
+      out=runs/s2ef/features_s$seed
+      [ -f "$out/metrics.json" ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out "$out" model.context=features run.seed=$seed
+    done
+    # Variants (not defaults): fairchem's 1:100 loss at 1:10, and 3,000 steps.
+    [ -f runs/s2ef/local_fc10_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_fc10_s0 data.force_coefficient=10
+    [ -f runs/s2ef/local_3k_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_3k_s0 run.steps=3000 run.eval_interval=1000
+    "$FLT" relax runs/s2ef/local_3k_s0/best.pt --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
+      --out runs/s2ef/relax_local_3k_s0 --no-progress
     [ -f runs/emt_is2re_flt/best.pt ] || "$FLT" train recipes/emt_is2re_flt.yaml --out runs/emt_is2re_flt
     ckpt=runs/s2ef/local_s0/best.pt
     "$FLT" relax "$ckpt" --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
