@@ -4,6 +4,7 @@
 #   bash scripts/experiments.sh is2re       # FLT / Performer / exact on EMT-IS2RE (~10 min each)
 #   bash scripts/experiments.sh periodic    # images vs reciprocal (DESIGN §7), 3 seeds each (~7 min per run idle)
 #   bash scripts/experiments.sh crossover   # IS2RE s/step vs tokens, the three attentions
+#   bash scripts/experiments.sh s2ef        # forces: local vs random-feature context, relax, NVE, cost (~1 h)
 #   bash scripts/experiments.sh lm          # the seven LM recipes x 3 seeds (~2-4 min per run)
 #   bash scripts/experiments.sh vit         # the three ViT recipes
 #   bash scripts/experiments.sh bench       # attention (Fig. 1), RPE error (Thm 4.2), data pipeline
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FLT=.venv/bin/flt-mol
 PY=.venv/bin/python
 
-section=${1:?usage: scripts/experiments.sh is2re|periodic|crossover|lm|vit|bench|viz|optim|optim-long}
+section=${1:?usage: scripts/experiments.sh is2re|periodic|crossover|s2ef|lm|vit|bench|viz|optim|optim-long}
 case "$section" in
   periodic)
     # The FLT recipe with image tokens against the exactly periodic reciprocal-lattice RPE, seeds
@@ -46,6 +47,38 @@ case "$section" in
       "$FLT" evaluate "$out/checkpoint.pt" --out "$out/eval.json" --plot "$out/parity.png"
       "$PY" -m flt_mol.train.invariance "$out/checkpoint.pt" --out "$out/invariance.json"
     done
+    ;;
+  s2ef)
+    # README "Forces": the S2EF recipe (context: local) seeds 0-2 and context: features seed 0,
+    # then with the seed-0 local model: relaxations of 50 val_id systems beside EMT and a direct
+    # IS2RE model, an NVE run, the translation check, and the cost per relaxation step.
+    for seed in 0 1 2; do
+      out=runs/s2ef/local_s$seed
+      [ -f "$out/metrics.json" ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out "$out" run.seed=$seed
+    done
+    [ -f runs/s2ef/features_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/features_s0 model.context=features
+    for seed in 1 2; do
+      out=runs/s2ef/features_s$seed
+      [ -f "$out/metrics.json" ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out "$out" model.context=features run.seed=$seed
+    done
+    # Variants (not defaults): fairchem's 1:100 loss at 1:10, and 3,000 steps.
+    [ -f runs/s2ef/local_fc10_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_fc10_s0 data.force_coefficient=10
+    [ -f runs/s2ef/local_3k_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_3k_s0 run.steps=3000 run.eval_interval=1000
+    "$FLT" relax runs/s2ef/local_3k_s0/best.pt --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
+      --out runs/s2ef/relax_local_3k_s0 --no-progress
+    [ -f runs/emt_is2re_flt/best.pt ] || "$FLT" train recipes/emt_is2re_flt.yaml --out runs/emt_is2re_flt
+    ckpt=runs/s2ef/local_s0/best.pt
+    "$FLT" relax "$ckpt" --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
+      --is2re-checkpoint runs/emt_is2re_flt/best.pt --out runs/s2ef/relax_local_s0 --no-progress
+    "$FLT" relax runs/s2ef/features_s0/best.pt --data emt:val_id --limit 50 --steps 150 --fmax 0.05 \
+      --out runs/s2ef/relax_features_s0 --no-progress
+    "$FLT" md "$ckpt" --data emt_s2ef:val_id --index 3 --steps 1000 --out runs/s2ef/nve_local_s0.json
+    "$PY" -c "import json, sys; from flt_mol.calculator import FLTCalculator, translation_sensitivity; \
+from flt_mol.relax import read_structures; atoms = read_structures('emt_s2ef:val_id', limit=50)[1]; \
+print(json.dumps(translation_sensitivity(FLTCalculator(sys.argv[1]), atoms, shifts=8, seed=0)))" "$ckpt"
+    "$PY" -m flt_mol.bench.forces --sizes 3 4 6 8 11 16 --max-exact-atoms 70 --repeats 2 --out runs/s2ef/bench_local.json
+    "$PY" -m flt_mol.bench.forces --context features --modes flt --sizes 3 4 6 8 11 16 --repeats 2 \
+      --out runs/s2ef/bench_features.json
     ;;
   crossover)
     "$PY" -m flt_mol.train.crossover --recipe recipes/emt_is2re_flt.yaml \

@@ -1,13 +1,14 @@
 """Cost of one relaxation step (energy + forces) of the S2EF model as slabs grow, FLT vs exact attention.
 
     python -m flt_mol.bench.forces --recipe recipes/emt_s2ef_flt.yaml --sizes 3 4 6 8 11 16 --out FILE.json
+    python -m flt_mol.bench.forces --modes flt --context features   # the random-feature context instead
 
 A relaxation step costs one model evaluation of the energy and its gradient with respect to the
 positions (no parameter gradients): what :class:`flt_mol.FLTCalculator` does per ASE optimiser
 step. Structures: fcc(111) Cu slabs of ``n x n x 4`` atoms with an O adsorbate (``4 n^2 + 1``
 atoms, 15 A vacuum, bottom two layers fixed, OC20 tags), periodic in the surface plane. The
 recipe's model (untrained: timing only) runs with ``attention: flt`` and ``attention: exact``,
-everything else equal (both use the random-feature context); the median of ``--repeats`` calls
+everything else equal (both use the recipe's context, or ``--context``); the median of ``--repeats`` calls
 after one warm-up is reported. Timings depend on the machine and its load: numbers, not
 assertions.
 """
@@ -63,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["flt", "exact"])
     p.add_argument("--max-exact-atoms", type=int, default=600, help="skip exact attention above this size")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--context", choices=["features", "exact", "local"], default=None,
+                   help="override the recipe's model.context")
     p.add_argument("--out", type=Path, default=None, help="rows as JSON")
     args = p.parse_args(argv)
-    config = load_config(args.recipe)
+    config = load_config(args.recipe, [f"model.context={args.context}"] if args.context else None)
     task = build_task(config)
     task.normalizer = EnergyNormalizer(torch.zeros(101, dtype=torch.float64), 0.0, 0.0, 1.0)
     rows = []
