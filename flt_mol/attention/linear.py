@@ -62,9 +62,12 @@ def linear_attention(
     k = _prepare(k, padding_mask)
     v = v.to(q.dtype)
     k_num = k * value_keep[..., None].to(k.dtype) if value_keep is not None else k
-    kv = torch.einsum("bhjm,bhjd->bhmd", k_num, v)
+    # matmul on a transposed view, not einsum (which copies its operands into a bmm layout);
+    # the normaliser as a product and a sum: a batched matrix-vector product costs 3-4x more
+    # than both on CPU at the IS2RE sizes (measured, fwd + bwd, L = 42, m = 32, d = 16).
+    kv = torch.matmul(k_num.transpose(-1, -2), v)  # [b h m d]
     num = torch.matmul(q, kv)  # [b h i d]
-    den = torch.matmul(q, k.sum(dim=2).unsqueeze(-1))  # [b h i 1]
+    den = (q * k.sum(dim=2).unsqueeze(-2)).sum(-1, keepdim=True)  # [b h i 1]
     # In place: the matmul's backward does not need its output.
     return num.div_(den.clamp_min(torch.finfo(den.dtype).tiny))
 

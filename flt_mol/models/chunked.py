@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from flt_mol.attention.feature_maps import FavorPlusFeatureMap
-from flt_mol.attention.rpe import features_from_angles
+from flt_mol.attention.rpe import cos_sin, features_from_angles
 from flt_mol.models.is2re import attention_origin_weights
 
 __all__ = ["supports_chunked", "chunked_energy", "DEFAULT_CHUNK_ATOMS", "CHUNK_ABOVE"]
@@ -60,10 +60,6 @@ def supports_chunked(model: Any) -> bool:
 
 def _chunks(length: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, length)) for s in range(0, length, size)]
-
-
-def _cos_sin(phase: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 
 @torch.no_grad()
@@ -98,7 +94,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
     w2 = torch.cat([w, w], dim=-1)  # [B, C, 2F]
     colsum = torch.zeros(B, w.shape[1], 2 * num_freq, dtype=dtype, device=pos.device)
     for c in chunks:
-        cs = _cos_sin(rpe.periodic_phase(u_ctx[:, c], draw.q, dtype))  # [B, C, l, 2F]
+        cs = cos_sin(rpe.periodic_phase(u_ctx[:, c], draw.q, dtype))  # [B, C, l, 2F]
         colsum += torch.matmul(keep[:, None, None, c], cs)[:, :, 0]
     periodic = (lattice.periodic_dims > 0)[:, None, None]
     est_self = w.sum(-1)[..., None]  # [B, C, 1]
@@ -110,7 +106,7 @@ def chunked_energy(model: Any, batch: Any, *, chunk_size: int = DEFAULT_CHUNK_AT
     d = model.config.embed_dim
     h = torch.empty(B, L, d, dtype=dtype, device=pos.device)
     for c in chunks:
-        cs = _cos_sin(rpe.periodic_phase(u_ctx[:, c], draw.q, dtype))
+        cs = cos_sin(rpe.periodic_phase(u_ctx[:, c], draw.q, dtype))
         context = ((torch.einsum("bclf,bcf->bcl", cs, coef) + offset) * keep[:, None, c]).transpose(1, 2)
         hc = model.atom_embedding(z[:, c]) + model.tag_embedding(tags[:, c]) + model.context_proj(model.context_norm(context))
         h[:, c] = hc * keep[:, c, None]

@@ -8,7 +8,7 @@ import torch
 from e3nn import o3
 
 from flt_mol.attention import GaussianBasisRPE, GaussianMixtureRPE, KernelRPE, LocalRPE
-from flt_mol.attention.rpe import irwin_hall_pdf, rpe_features
+from flt_mol.attention.rpe import cos_sin, features_from_angles, irwin_hall_pdf, rpe_features
 from flt_mol.testing import assert_unbiased
 
 
@@ -278,3 +278,34 @@ def test_signed_balanced_split_gradients_are_finite_at_zero_weight():
     n1, n2 = rpe.features(torch.arange(6.0).view(1, 6, 1), 4, split="signed_balanced")
     (n1 @ n2.transpose(-1, -2)).sum().backward()
     assert torch.isfinite(rpe.amplitudes.grad).all() and torch.isfinite(rpe.half_width_raw.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cos_sin_matches_the_two_ops_and_their_concatenation(dtype):
+    torch.manual_seed(0)
+    ang = (40.0 * torch.randn(3, 5, 4, 7, dtype=dtype)).transpose(1, 2)  # non-contiguous, large turns
+    ref = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+    out = cos_sin(ang)
+    assert out.shape == (3, 4, 5, 14) and out.dtype == dtype
+    tol = 4 * torch.finfo(dtype).eps  # NumPy's fp32 kernels: within an ulp or so of torch's
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    assert cos_sin(ang[:, :, :0]).shape == (3, 4, 0, 14)  # no atoms
+
+
+def test_cos_sin_gradients_to_second_order():
+    # Force training differentiates the energy twice: the custom backward must itself be differentiable.
+    ang = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cos_sin, (ang,))
+    assert torch.autograd.gradgradcheck(cos_sin, (ang,))
+
+
+def test_features_from_angles_keep_their_kernel():
+    # n1_i . n2_j = (1/F) sum_f a_f cos(t_if - t_jf), every split (the fused cos/sin must not move it).
+    torch.manual_seed(1)
+    ang = 3.0 * torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    a = torch.randn(1, 2, 6, dtype=torch.float64)
+    exact = (a[:, :, None, None, :] * torch.cos(ang[:, :, :, None] - ang[:, :, None, :])).mean(-1)
+    for balanced, signed, w in [(False, False, a), (True, True, a), (True, False, a.abs())]:
+        n1, n2 = features_from_angles(ang, w, balanced=balanced, signed=signed)
+        want = exact if w is a else (w[:, :, None, None, :] * torch.cos(ang[:, :, :, None] - ang[:, :, None, :])).mean(-1)
+        torch.testing.assert_close(n1 @ n2.transpose(-1, -2), want, rtol=0, atol=1e-12 if not signed else 1e-9)
