@@ -46,6 +46,7 @@ __all__ = [
     "neighbour_pairs",
     "neighbour_pairs_brute",
     "neighbour_pairs_ase",
+    "neighbour_pairs_kdtree",
     "local_context",
     "local_context_exact",
 ]
@@ -55,8 +56,8 @@ __all__ = [
 # only its tail.
 MAX_WIDTH_FRACTION = 1.0 / 3.0
 
-# Structures with more (atom pair x image) candidates than this use ASE's cell-list neighbour
-# search instead of the vectorised brute force (a few hundred bytes of fp64 temporaries per candidate).
+# On an accelerator, batches with more (atom pair x image) candidates than this leave the vectorised
+# brute force (a few hundred bytes of fp64 temporaries per candidate) for the KD-tree on the host.
 BRUTE_FORCE_MAX_CANDIDATES = 1_500_000
 
 
@@ -135,6 +136,64 @@ def neighbour_pairs_brute(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff
 
 
 @torch.no_grad()
+def neighbour_pairs_kdtree(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: float,
+                           padding_mask: torch.Tensor) -> NeighbourPairs:
+    """KD-tree neighbour search (``scipy.spatial.cKDTree``), one structure at a time: O(L log L).
+
+    Atoms are wrapped into the cell (``u - floor(u)`` on periodic axes; the wrap is remembered),
+    their images ``n A`` with ``|n_j| <= K_j`` (:func:`_image_range`: after wrapping, fractional
+    offsets are in ``(-1, 1)``, and ``|d| < rc`` needs ``|n_j + du_j| <= rc |b*_j|``) go into one
+    tree, and every atom queries it within ``rc``. Shifts are then expressed for the input
+    coordinates: ``r_j - r_i + (n - o_j + o_i) A``. Same output as :func:`neighbour_pairs_brute` up
+    to the order of the pairs (tested).
+    """
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    lattice = lattice.to(pos.device)
+    r = _frame_coordinates(pos.detach().double(), lattice).cpu().numpy()
+    basis = lattice.basis.cpu().numpy()
+    K = _image_range(lattice, cutoff).cpu().numpy()
+    dims = lattice.periodic_dims.cpu().tolist()
+    keep = (~padding_mask).cpu().numpy()
+    out_b, out_i, out_j, out_s = [], [], [], []
+    for b in range(r.shape[0]):
+        idx = np.nonzero(keep[b])[0]
+        if idx.size == 0:
+            continue
+        A = basis[b]
+        periodic = np.arange(3) < dims[b]
+        u = np.linalg.solve(A.T, r[b, idx].T).T  # fractional coordinates [n, 3]
+        o = np.where(periodic, np.floor(u), 0.0)  # the wrap of each atom
+        wrapped = r[b, idx] - o @ A
+        grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in K[b]], indexing="ij"), -1).reshape(-1, 3)
+        images = (wrapped[None] + (grid @ A)[:, None]).reshape(-1, 3)  # [M n, 3], image m of atom j at m n + j
+        found = cKDTree(wrapped).sparse_distance_matrix(cKDTree(images), cutoff, output_type="ndarray")
+        i, jm = found["i"].astype(np.int64), found["j"].astype(np.int64)
+        m, j = np.divmod(jm, idx.size)
+        # Strictly inside rc (the tree's bound is inclusive), without the self term n = 0, j = i.
+        ok = (found["v"] < cutoff) & ~((i == j) & (grid[m] == 0).all(-1))
+        i, j, m = i[ok], j[ok], m[ok]
+        out_b.append(np.full(i.shape, b))
+        out_i.append(idx[i])
+        out_j.append(idx[j])
+        out_s.append((grid[m] - o[j] + o[i]) @ A)
+    return _pairs_from_numpy(out_b, out_i, out_j, out_s, pos.device)
+
+
+def _pairs_from_numpy(out_b, out_i, out_j, out_s, dev) -> NeighbourPairs:
+    """Per-structure NumPy pair lists -> one :class:`NeighbourPairs` on ``dev``."""
+    import numpy as np
+
+    if not out_b:
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        return NeighbourPairs(batch=z, first=z, second=z, shift=torch.zeros(0, 3, dtype=torch.float64, device=dev))
+    cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs), dtype=dt, device=dev)  # noqa: E731
+    return NeighbourPairs(batch=cat(out_b, torch.long), first=cat(out_i, torch.long),
+                          second=cat(out_j, torch.long), shift=cat(out_s, torch.float64).reshape(-1, 3))
+
+
+@torch.no_grad()
 def neighbour_pairs_ase(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: float,
                         padding_mask: torch.Tensor) -> NeighbourPairs:
     """Cell-list neighbour search (``ase.neighborlist.primitive_neighbor_list``), one structure at a time.
@@ -161,23 +220,24 @@ def neighbour_pairs_ase(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: 
         out_i.append(idx[i])
         out_j.append(idx[j])
         out_s.append(S.astype(np.float64) @ basis[b])
-    dev = pos.device
-    if not out_b:
-        z = torch.zeros(0, dtype=torch.long, device=dev)
-        return NeighbourPairs(batch=z, first=z, second=z, shift=torch.zeros(0, 3, dtype=torch.float64, device=dev))
-    cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs), dtype=dt, device=dev)  # noqa: E731
-    return NeighbourPairs(batch=cat(out_b, torch.long), first=cat(out_i, torch.long),
-                          second=cat(out_j, torch.long), shift=cat(out_s, torch.float64).reshape(-1, 3))
+    return _pairs_from_numpy(out_b, out_i, out_j, out_s, pos.device)
 
 
 def neighbour_pairs(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: float,
                     padding_mask: torch.Tensor) -> NeighbourPairs:
-    """Neighbour pairs within ``cutoff``: the brute force for small batches, ASE's cell list for large ones."""
-    B, L = pos.shape[:2]
-    K = _image_range(lattice.to(pos.device), cutoff).amax(0)
-    candidates = B * L * L * int(torch.prod(2 * K + 1))
-    search = neighbour_pairs_brute if candidates <= BRUTE_FORCE_MAX_CANDIDATES else neighbour_pairs_ase
-    return search(pos, lattice, cutoff=cutoff, padding_mask=padding_mask)
+    """Neighbour pairs within ``cutoff``.
+
+    On CPU the KD-tree (:func:`neighbour_pairs_kdtree`), measured faster at every size tried
+    (Cu(111) slabs, rc 6 A, one thread: 0.7 against 1.8 ms for 37 atoms, 2.1 against 47 ms for
+    257, 7 against 26 ms for a batch of 16 x 37). On an accelerator the vectorised brute force
+    stays on the device while its ``B L^2 images`` candidates fit, the KD-tree (on the host) above.
+    """
+    if pos.device.type != "cpu":
+        B, L = pos.shape[:2]
+        K = _image_range(lattice.to(pos.device), cutoff).amax(0)
+        if B * L * L * int(torch.prod(2 * K + 1)) <= BRUTE_FORCE_MAX_CANDIDATES:
+            return neighbour_pairs_brute(pos, lattice, cutoff=cutoff, padding_mask=padding_mask)
+    return neighbour_pairs_kdtree(pos, lattice, cutoff=cutoff, padding_mask=padding_mask)
 
 
 def local_context(pos: torch.Tensor, lattice: PeriodicLattice, *, amplitudes: torch.Tensor, scales: torch.Tensor,

@@ -22,6 +22,7 @@ from flt_mol.models.local import (
     local_context_exact,
     neighbour_pairs_ase,
     neighbour_pairs_brute,
+    neighbour_pairs_kdtree,
 )
 from flt_mol.models.s2ef import S2EFModel, S2EFModelConfig
 from tests.train.helpers import make_items
@@ -95,12 +96,37 @@ def test_local_context_equals_the_brute_force_reference(rc):
     torch.testing.assert_close(_ctx(pos, cell, pbc, pad, rpe, rc, pairs=pairs), ref, rtol=1e-10, atol=1e-12)
     brute = neighbour_pairs_brute(pos, lattice, cutoff=rc, padding_mask=pad)
     assert len(pairs) == len(brute)
+    # So does the KD-tree (the CPU default): the same pairs, shifts included.
+    assert _pair_set(neighbour_pairs_kdtree(pos, lattice, cutoff=rc, padding_mask=pad)) == _pair_set(brute)
     # Padding contributes nothing and gets nothing; each structure alone gives its own rows.
     assert float(ref[pad].abs().max()) == 0.0
     for b in range(3):
         alone = local_context(pos[b:b + 1], PeriodicLattice.from_cell(cell[b:b + 1], pbc[b:b + 1]),
                               amplitudes=rpe.amplitudes, scales=rpe.scales, cutoff=rc, padding_mask=pad[b:b + 1])
         torch.testing.assert_close(alone[0], ref[b], rtol=1e-10, atol=1e-12)
+
+
+def _pair_set(pairs) -> set:
+    shift = torch.round(pairs.shift * 1e6).long().tolist()
+    return set(zip(pairs.batch.tolist(), pairs.first.tolist(), pairs.second.tolist(), map(tuple, shift)))
+
+
+@pytest.mark.parametrize("rc", [1.5, 5.0, 9.0])
+def test_kdtree_search_finds_the_brute_force_pairs_in_skewed_cells_with_unwrapped_atoms(rc):
+    """Many images (a cutoff of up to 2-3 cells), atoms up to ~3 cells outside the cell, a sharply
+    skewed cell, padding: the KD-tree's pairs and shifts equal the brute force's exactly."""
+    cell, pbc, pos, pad = _setup(L=30)
+    cell[0, 1] = torch.tensor([3.1, 1.2, 0.4], dtype=D64)  # a and b at ~20 degrees
+    pos = pos * 3
+    lattice = PeriodicLattice.from_cell(cell, pbc)
+    brute = neighbour_pairs_brute(pos, lattice, cutoff=rc, padding_mask=pad)
+    kd = neighbour_pairs_kdtree(pos, lattice, cutoff=rc, padding_mask=pad)
+    assert len(brute) > 0 and len(kd) == len(brute)
+    assert _pair_set(kd) == _pair_set(brute)
+    # Every pair is inside rc for the input coordinates and none involves padding.
+    r = torch.einsum("blx,bxk->blk", pos, lattice.frame)
+    d = r[kd.batch, kd.second] - r[kd.batch, kd.first] + kd.shift
+    assert float(d.norm(dim=-1).max()) < rc and not bool(pad[kd.batch, kd.first].any() | pad[kd.batch, kd.second].any())
 
 
 def test_local_context_invariances():
