@@ -154,6 +154,32 @@ def test_train_step_bench_runs_one_code_base(tmp_path):
     assert len(row["top_ops"]) == 3
 
 
+def test_train_step_flop_count_matches_torch_and_survives_a_gradient_inside_the_forward():
+    """The bench's FLOP counter gives FlopCounterMode's total, and also counts a forward that calls
+    torch.autograd.grad (conservative forces), which FlopCounterMode's module hooks refuse."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flt_mol.bench.train_step import _FlopCount
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(5, 8)
+    ref = FlopCounterMode(display=False)
+    with ref:
+        net(x).sum().backward()
+    with _FlopCount() as got:
+        net(x).sum().backward()
+    assert got.total == ref.get_total_flops() > 0
+
+    def forces_loss():
+        pos = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(pos).sum(), pos, create_graph=True)
+        return grad.square().sum()
+
+    with _FlopCount() as got:
+        forces_loss().backward()  # double backward through both matmuls
+    assert got.total > ref.get_total_flops()
+
+
 def test_scaling_slab_has_oc20_tags_and_one_adsorbate():
     from flt_mol.bench.scaling import pt111_slab
 
