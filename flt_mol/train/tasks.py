@@ -540,7 +540,9 @@ class S2EFDataConfig:
     The loss is fairchem's default for S2EF (its OC20 configs: energy ``mae`` with coefficient 1,
     forces ``l2mae`` with coefficient 100, forces on free atoms only, forces normalised by the
     energy's std): ``energy_coefficient * |E - E_t| + force_coefficient * mean_atoms |F - F_t|_2``,
-    both in normalised units (``E_t = (y - ref - mean) / std``, ``F_t = force / std``).
+    both in normalised units (``E_t = (y - ref - mean) / std``, ``F_t = force / std``). With
+    ``adsorbate_force_weight = w != 1`` the force term is the weighted mean
+    ``sum_i w_i |F_i - F_t,i|_2 / sum_i w_i`` (``w_i = w`` on adsorbate atoms, 1 elsewhere).
     """
 
     train: str = "emt_s2ef:train"
@@ -559,6 +561,9 @@ class S2EFDataConfig:
     energy_coefficient: float = 1.0
     force_coefficient: float = 100.0
     train_on_free_atoms: bool = True  # force loss on free atoms only (fairchem's OC20 default)
+    # Weight of adsorbate atoms (tag 2) in the force loss's mean (1: fairchem's plain mean). The
+    # adsorbate's forces are ~3x the surface's and its soft modes decide the relaxed geometry.
+    adsorbate_force_weight: float = 1.0
     # Move every training structure by a random in-plane lattice translation (fractions of a and
     # b). FLT's FAVOR+ kernel makes one feature draw invariant to wrapping but not to
     # translations that are not lattice vectors (README: forces); this teaches the invariance.
@@ -577,6 +582,8 @@ class S2EFDataConfig:
             raise ConfigError(f"data.energy_target must be 'y' or 'y_adsorption', got {self.energy_target!r}")
         if self.energy_coefficient < 0 or self.force_coefficient < 0:
             raise ConfigError("data.energy_coefficient and data.force_coefficient must be >= 0")
+        if not self.adsorbate_force_weight > 0:
+            raise ConfigError(f"data.adsorbate_force_weight must be > 0, got {self.adsorbate_force_weight}")
         names = [split_name(v) for v in self.val]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.val split names must be unique, got {names}")
@@ -704,8 +711,11 @@ class S2EFTask(Task):
         if self.data.train_on_free_atoms:
             scored = scored & (batch.fixed == 0)
         f_t = batch.force.to(out["forces"].dtype) / self.normalizer.std
-        l2 = ((out["forces"] - f_t).square().sum(-1) + 1e-12).sqrt() * scored.to(f_t.dtype)  # [B, L]
-        loss_f = l2.sum() * distributed.global_mean_scale(scored.sum().cpu()).to(l2.device)
+        weight = scored.to(f_t.dtype)  # [B, L]
+        if self.data.adsorbate_force_weight != 1.0:
+            weight = weight * torch.where(batch.tags == 2, self.data.adsorbate_force_weight, 1.0).to(f_t.dtype)
+        l2 = ((out["forces"] - f_t).square().sum(-1) + 1e-12).sqrt() * weight  # [B, L]
+        loss_f = l2.sum() * distributed.global_mean_scale(weight.sum().detach().cpu()).to(l2.device)
         loss = self.data.energy_coefficient * loss_e + self.data.force_coefficient * loss_f
         logs = {"energy_l1": float(loss_e.detach()), "force_l2": float(loss_f.detach()), "loss": float(loss.detach())}
         return loss, logs

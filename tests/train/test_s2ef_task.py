@@ -52,6 +52,27 @@ def test_loss_is_energy_mae_plus_weighted_per_atom_l2_on_free_atoms(s2ef_run):
     assert logs2["force_l2"] == pytest.approx(logs["force_l2"], rel=1e-5)
 
 
+def test_adsorbate_force_weight_gives_a_weighted_mean_over_free_atoms(s2ef_run):
+    """data.adsorbate_force_weight = 3: the force term is sum_i w_i |F_i - F_t,i| / sum_i w_i with
+    w = 3 on adsorbate (tag 2) free atoms, 1 on other free atoms, 0 on fixed atoms and padding."""
+    raw = tiny_s2ef_raw_config(s2ef_run["train"], s2ef_run["val"])
+    raw["data"]["adsorbate_force_weight"] = 3.0
+    task = build_task(config_from_dict(raw))
+    task.setup()
+    model = task.build_model().eval()
+    batch = task.collate_fn()(make_s2ef_items(3, seed=9))
+    free = batch.real_mask & (batch.fixed == 0)
+    assert bool((free & (batch.tags == 2)).any()) and bool((free & (batch.tags != 2)).any())
+    torch.manual_seed(0)
+    _, logs = task.loss(model, batch, step=1)
+    torch.manual_seed(0)
+    err = (model(batch)["forces"].detach() - batch.force / task.normalizer.std).norm(dim=-1)  # [B, L]
+    w = torch.where(batch.tags == 2, 3.0, 1.0) * free
+    assert logs["force_l2"] == pytest.approx(float((err * w).sum() / w.sum()), rel=1e-5)
+    plain = float((err * free).sum() / free.sum())
+    assert abs(logs["force_l2"] - plain) > 1e-4 * plain  # the weight does change the loss
+
+
 def test_config_checks():
     raw = tiny_s2ef_raw_config("a.lmdb", "b.lmdb")
     raw["data"]["energy_target"] = "y_relaxed"
@@ -60,6 +81,10 @@ def test_config_checks():
     raw = tiny_s2ef_raw_config("a.lmdb", "b.lmdb")
     raw["model"]["periodic"] = "images"
     with pytest.raises(ConfigError, match="reciprocal"):
+        config_from_dict(raw)
+    raw = tiny_s2ef_raw_config("a.lmdb", "b.lmdb")
+    raw["data"]["adsorbate_force_weight"] = 0.0
+    with pytest.raises(ConfigError, match="adsorbate_force_weight"):
         config_from_dict(raw)
 
 
