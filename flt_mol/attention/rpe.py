@@ -110,10 +110,14 @@ def rpe_features(
 
 
 class _CosSin(torch.autograd.Function):
-    """``[cos t, sin t]`` along the last axis; the backward reuses the output (no trig in backward)."""
+    """``[cos t, sin t]`` along the last axis; the backward reuses the output (no trig in backward).
+
+    Written in the ``setup_context`` form with ``vmap`` and ``jvp`` rules, so ``torch.func``
+    transforms (``vmap``, ``jacrev``, ``jacfwd``, ``hessian``) apply to models that use it.
+    """
 
     @staticmethod
-    def forward(ctx, ang: torch.Tensor) -> torch.Tensor:
+    def forward(ang: torch.Tensor) -> torch.Tensor:
         num = ang.shape[-1]
         out = ang.new_empty(ang.shape[:-1] + (2 * num,))
         if ang.device.type == "cpu" and ang.dtype == torch.float32 and not torch.compiler.is_compiling():
@@ -125,8 +129,12 @@ class _CosSin(torch.autograd.Function):
         else:
             torch.cos(ang, out=out[..., :num])
             torch.sin(ang, out=out[..., num:])
-        ctx.save_for_backward(out)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -135,6 +143,19 @@ class _CosSin(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         num = out.shape[-1] // 2
         return grad[..., num:] * out[..., :num] - grad[..., :num] * out[..., num:]
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        num = out.shape[-1] // 2
+        return torch.cat([-out[..., num:] * tangent, out[..., :num] * tangent], dim=-1)
+
+    @staticmethod
+    def vmap(info, in_dims, ang):
+        (dim,) = in_dims
+        if dim is None:
+            return _CosSin.apply(ang), None
+        return _CosSin.apply(ang.movedim(dim, 0)), 0  # elementwise: any leading axis is a batch
 
 
 def cos_sin(ang: torch.Tensor) -> torch.Tensor:

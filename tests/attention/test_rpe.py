@@ -299,6 +299,21 @@ def test_cos_sin_gradients_to_second_order():
     assert torch.autograd.gradgradcheck(cos_sin, (ang,))
 
 
+def test_cos_sin_works_under_torch_func_transforms():
+    """vmap, jacrev, jacfwd and hessian (a user's phonons or batched Jacobians) give what the plain
+    cos / sin give."""
+    ref = lambda t: torch.cat([torch.cos(t), torch.sin(t)], dim=-1)  # noqa: E731
+    energy = lambda f: lambda t: (f(t) * torch.linspace(-1.0, 1.0, 2 * t.shape[-1], dtype=t.dtype)).sum()  # noqa: E731
+    for dtype in (torch.float32, torch.float64):
+        t = torch.randn(3, 4, dtype=dtype)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        x = torch.randn(3, 5, 4, dtype=dtype)  # mapped over the middle axis
+        torch.testing.assert_close(torch.vmap(cos_sin, in_dims=1, out_dims=1)(x), ref(x), **tol)
+        torch.testing.assert_close(torch.func.jacrev(cos_sin)(t[0]), torch.func.jacrev(ref)(t[0]), **tol)
+        torch.testing.assert_close(torch.func.jacfwd(cos_sin)(t[0]), torch.func.jacfwd(ref)(t[0]), **tol)
+        torch.testing.assert_close(torch.func.hessian(energy(cos_sin))(t[0]), torch.func.hessian(energy(ref))(t[0]), **tol)
+
+
 def test_features_from_angles_keep_their_kernel():
     # n1_i . n2_j = (1/F) sum_f a_f cos(t_if - t_jf), every split (the fused cos/sin must not move it).
     torch.manual_seed(1)
