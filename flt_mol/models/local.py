@@ -135,6 +135,22 @@ def neighbour_pairs_brute(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff
     return NeighbourPairs(batch=b, first=i, second=j, shift=shift)
 
 
+def _host_structures(pos: torch.Tensor, lattice: PeriodicLattice, padding_mask: torch.Tensor):
+    """``(b, idx, r, A, P)`` per structure with real atoms, as NumPy on the host: the real atoms'
+    indices, their frame coordinates ``[n, 3]`` fp64, the lattice rows ``A [3, 3]`` and the number
+    of periodic axes (the per-structure loop of the host-side neighbour searches)."""
+    import numpy as np
+
+    r = _frame_coordinates(pos.detach().double(), lattice).cpu().numpy()
+    basis = lattice.basis.cpu().numpy()
+    dims = lattice.periodic_dims.cpu().tolist()
+    keep = (~padding_mask).cpu().numpy()
+    for b in range(r.shape[0]):
+        idx = np.nonzero(keep[b])[0]
+        if idx.size:
+            yield b, idx, r[b, idx], basis[b], dims[b]
+
+
 @torch.no_grad()
 def neighbour_pairs_kdtree(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: float,
                            padding_mask: torch.Tensor) -> NeighbourPairs:
@@ -151,21 +167,12 @@ def neighbour_pairs_kdtree(pos: torch.Tensor, lattice: PeriodicLattice, *, cutof
     from scipy.spatial import cKDTree
 
     lattice = lattice.to(pos.device)
-    r = _frame_coordinates(pos.detach().double(), lattice).cpu().numpy()
-    basis = lattice.basis.cpu().numpy()
     K = _image_range(lattice, cutoff).cpu().numpy()
-    dims = lattice.periodic_dims.cpu().tolist()
-    keep = (~padding_mask).cpu().numpy()
     out_b, out_i, out_j, out_s = [], [], [], []
-    for b in range(r.shape[0]):
-        idx = np.nonzero(keep[b])[0]
-        if idx.size == 0:
-            continue
-        A = basis[b]
-        periodic = np.arange(3) < dims[b]
-        u = np.linalg.solve(A.T, r[b, idx].T).T  # fractional coordinates [n, 3]
-        o = np.where(periodic, np.floor(u), 0.0)  # the wrap of each atom
-        wrapped = r[b, idx] - o @ A
+    for b, idx, rb, A, P in _host_structures(pos, lattice, padding_mask):
+        u = np.linalg.solve(A.T, rb.T).T  # fractional coordinates [n, 3]
+        o = np.where(np.arange(3) < P, np.floor(u), 0.0)  # the wrap of each atom
+        wrapped = rb - o @ A
         grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in K[b]], indexing="ij"), -1).reshape(-1, 3)
         images = (wrapped[None] + (grid @ A)[:, None]).reshape(-1, 3)  # [M n, 3], image m of atom j at m n + j
         found = cKDTree(wrapped).sparse_distance_matrix(cKDTree(images), cutoff, output_type="ndarray")
@@ -205,21 +212,13 @@ def neighbour_pairs_ase(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: 
     from ase.neighborlist import primitive_neighbor_list
 
     lattice = lattice.to(pos.device)
-    r = _frame_coordinates(pos.detach().double(), lattice).cpu().numpy()
-    basis = lattice.basis.cpu().numpy()
-    dims = lattice.periodic_dims.cpu().tolist()
-    keep = (~padding_mask).cpu().numpy()
     out_b, out_i, out_j, out_s = [], [], [], []
-    for b in range(r.shape[0]):
-        idx = np.nonzero(keep[b])[0]
-        if idx.size == 0:
-            continue
-        pbc = np.arange(3) < dims[b]
-        i, j, S = primitive_neighbor_list("ijS", pbc, basis[b], r[b, idx], cutoff, self_interaction=False)
+    for b, idx, rb, A, P in _host_structures(pos, lattice, padding_mask):
+        i, j, S = primitive_neighbor_list("ijS", np.arange(3) < P, A, rb, cutoff, self_interaction=False)
         out_b.append(np.full(i.shape, b))
         out_i.append(idx[i])
         out_j.append(idx[j])
-        out_s.append(S.astype(np.float64) @ basis[b])
+        out_s.append(S.astype(np.float64) @ A)
     return _pairs_from_numpy(out_b, out_i, out_j, out_s, pos.device)
 
 
