@@ -66,6 +66,15 @@ case "$section" in
     [ -f runs/s2ef/local_3k_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_3k_s0 run.steps=3000 run.eval_interval=1000
     "$FLT" relax runs/s2ef/local_3k_s0/best.pt --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
       --out runs/s2ef/relax_local_3k_s0 --no-progress
+    # Variants for the adsorbate (README: none helps): force weight 5 and 10, width 128, cutoff 8 A.
+    for v in "aw5 data.adsorbate_force_weight=5" "aw10 data.adsorbate_force_weight=10" \
+             "w128 model.embed_dim=128 model.ffn_dim=256" "rc8 model.context_cutoff=8.0"; do
+      set -- $v
+      name=$1; shift
+      [ -f runs/s2ef/local_${name}_s0/metrics.json ] || "$FLT" train recipes/emt_s2ef_flt.yaml --out runs/s2ef/local_${name}_s0 "$@"
+      "$FLT" relax runs/s2ef/local_${name}_s0/best.pt --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
+        --out runs/s2ef/relax_local_${name}_s0 --no-progress
+    done
     [ -f runs/emt_is2re_flt/best.pt ] || "$FLT" train recipes/emt_is2re_flt.yaml --out runs/emt_is2re_flt
     ckpt=runs/s2ef/local_s0/best.pt
     "$FLT" relax "$ckpt" --data emt:val_id --limit 50 --steps 150 --fmax 0.05 --compare-emt \
