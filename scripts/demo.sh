@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job (run after scripts/setup.sh): train the FLT IS2RE model on the embedded EMT-IS2RE
-# data set (recipes/emt_is2re_flt.yaml, CPU, under 3 minutes from a fresh clone, set-up included), evaluate it on the
-# four validation splits and print energy MAE / MSE / EwT beside the trivial baselines (training
+# data set (recipes/emt_is2re_flt.yaml, CPU, about 3 minutes from a fresh clone, set-up included),
+# evaluate it on the four validation splits and print energy MAE / MSE / EwT beside the trivial baselines (training
 # logs one line per evaluation; the table is printed once, by `flt-mol evaluate`).
 #
 #   bash scripts/demo.sh                   # fresh run into runs/emt_is2re_flt

@@ -205,8 +205,9 @@ def neighbour_pairs_ase(pos: torch.Tensor, lattice: PeriodicLattice, *, cutoff: 
                         padding_mask: torch.Tensor) -> NeighbourPairs:
     """Cell-list neighbour search (``ase.neighborlist.primitive_neighbor_list``), one structure at a time.
 
-    For large structures, where the brute force's ``L^2 x images`` candidates do not fit. Same
-    output as :func:`neighbour_pairs_brute` up to the order of the pairs.
+    An independent reference for :func:`neighbour_pairs_kdtree` and :func:`neighbour_pairs_brute`
+    (tested: the same pairs up to their order); :func:`neighbour_pairs` no longer chooses it, the
+    KD-tree is faster at every size measured (4.1 against 0.6 ms at 37 atoms, 36 against 2 ms at 257).
     """
     import numpy as np
     from ase.neighborlist import primitive_neighbor_list
