@@ -121,3 +121,48 @@ def test_translation_sensitivity_finds_one_flt_draw_invariant(s2ef_run):
     # The canonical origin makes one FLT draw translation invariant: float rounding only.
     assert report["energy_std"] < 1e-8 and report["net_force"] < 1e-8 * max(1.0, report["force_norm"])
     assert report["force_change"] < 1e-7
+
+
+@pytest.fixture(scope="module")
+def local_ckpt(s2ef_run, tmp_path_factory):
+    """A tiny `context: local` S2EF model (the recipe's context, KD-tree neighbour search) trained
+    through `flt-mol train` from a YAML recipe."""
+    import yaml
+
+    from flt_mol.cli import main
+    from tests.s2ef_fixtures import tiny_s2ef_raw_config
+
+    root = tmp_path_factory.mktemp("s2ef_local")
+    raw = tiny_s2ef_raw_config(s2ef_run["train"], s2ef_run["val"])
+    raw["model"].update(context="local", context_cutoff=4.0)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(root / "recipe.yaml"), "--out", str(root / "run")]) == 0
+    return root / "run" / "checkpoint.pt"
+
+
+def test_local_context_checkpoint_is_invariant_end_to_end(local_ckpt, s2ef_run):
+    """Through the public door (a checkpoint from `flt-mol train`, energies and forces from
+    FLTCalculator, fp64): rotating atoms and cell rotates the forces, and wrapping an atom by a
+    lattice vector, translating in the plane and permuting the atoms change nothing."""
+    from scipy.spatial.transform import Rotation
+
+    calc = FLTCalculator(local_ckpt, dtype=torch.float64)
+    atoms = _atoms(s2ef_run["val"], 0)
+    ref = calc.predict_many([atoms])[0]
+    assert np.abs(ref["forces"]).max() > 0
+
+    rot = Rotation.from_euler("zyx", [0.7, -0.4, 1.9]).as_matrix()
+    rotated = atoms.copy()
+    rotated.set_cell(atoms.cell.array @ rot.T)
+    rotated.positions = atoms.positions @ rot.T
+    wrapped = atoms.copy()
+    wrapped.positions[3] += atoms.cell.array[0] - 2 * atoms.cell.array[1]
+    shifted = atoms.copy()
+    shifted.positions += 0.37 * atoms.cell.array[0] + 0.61 * atoms.cell.array[1]
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    permuted = atoms[perm]
+    got = calc.predict_many([rotated, wrapped, shifted, permuted])
+    expected = [ref["forces"] @ rot.T, ref["forces"], ref["forces"], ref["forces"][perm]]
+    for name, out, want in zip(["rotation", "wrap", "translation", "permutation"], got, expected):
+        assert out["energy"] == pytest.approx(ref["energy"], rel=1e-9, abs=1e-9), name
+        np.testing.assert_allclose(out["forces"], want, rtol=1e-7, atol=1e-8, err_msg=name)
